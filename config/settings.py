@@ -1,0 +1,194 @@
+"""The only reader of the environment: every setting, its default, its check.
+
+The POS side (producer) needs only the Redis settings; the worker needs all of
+them. ``load_producer_settings`` and ``load_worker_settings`` collect every
+problem before raising, so one message names every bad setting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_MIPOS_BASE_URL = "https://integrations.mipos.shop"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "console")
+CREDENTIAL_NAMES = ("MIPOS_CLIENT_ID", "MIPOS_CLIENT_SECRET", "MIPOS_EMAIL", "MIPOS_PASSWORD")
+
+
+class SettingsError(Exception):
+    """One or more settings are missing or malformed; ``problems`` lists each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            "invalid configuration: " + "; ".join(problems)
+            + " (see the Settings section of README.md)"
+        )
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str
+    key_prefix: str
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    max_attempts: int
+    base_delay_s: float
+    max_delay_s: float
+    deadline_s: float
+
+
+@dataclass(frozen=True)
+class MiposSettings:
+    base_url: str
+    client_id: str
+    client_secret: str
+    email: str
+    password: str
+    timeout_s: float
+
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never reach a log line."""
+        return tuple(s for s in (self.client_secret, self.password) if s)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    redis: RedisSettings
+    mipos: MiposSettings
+    retry: RetrySettings
+    log_level: str
+    log_format: str
+
+
+class _Reader:
+    """Reads typed values from an environment, remembering every problem."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def raw(self, name: str, default: str | None) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return default
+        return value.strip()
+
+    def required(self, name: str) -> str:
+        value = self.raw(name, None)
+        if value is None:
+            self.problems.append(f"{name} is required but not set")
+            return ""
+        return value
+
+    def parsed(self, name: str, default: str, parse: Callable[[str], T], expected: str) -> T | None:
+        text = self.raw(name, default)
+        assert text is not None
+        try:
+            return parse(text)
+        except ValueError:
+            self.problems.append(f"{name}={text!r} is not {expected}")
+            return None
+
+    def positive_float(self, name: str, default: str) -> float:
+        value = self.parsed(name, default, float, "a number")
+        if value is None:
+            return float(default)
+        if not math.isfinite(value) or value <= 0:
+            self.problems.append(f"{name}={value!r} must be a number greater than 0")
+        return value
+
+    def positive_int(self, name: str, default: str) -> int:
+        value = self.parsed(name, default, int, "a whole number")
+        if value is None:
+            return int(default)
+        if value < 1:
+            self.problems.append(f"{name}={value!r} must be at least 1")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], *, upper: bool) -> str:
+        text = self.raw(name, default) or default
+        value = text.upper() if upper else text.lower()
+        if value not in choices:
+            self.problems.append(f"{name}={text!r} must be one of {', '.join(choices)}")
+            return default
+        return value
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        text = self.raw(name, default) or default
+        parts = urlsplit(text)
+        if parts.scheme not in schemes or not parts.hostname:
+            self.problems.append(
+                f"{name}={_without_password(text)!r} must be a URL starting with "
+                + " or ".join(f"{s}://" for s in schemes)
+            )
+        return text.rstrip("/") if "http" in schemes else text
+
+    def check(self) -> None:
+        if self.problems:
+            raise SettingsError(self.problems)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def _read_redis(reader: _Reader) -> RedisSettings:
+    return RedisSettings(
+        url=reader.url("REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss")),
+        key_prefix=reader.raw("MIPOS_REDIS_PREFIX", "mipos:") or "mipos:",
+    )
+
+
+def load_producer_settings(env: Mapping[str, str] | None = None) -> RedisSettings:
+    """What the POS side needs to enqueue: Redis only, no mipos credentials."""
+    reader = _Reader(os.environ if env is None else env)
+    redis = _read_redis(reader)
+    reader.check()
+    return redis
+
+
+def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
+    reader = _Reader(os.environ if env is None else env)
+    redis = _read_redis(reader)
+    mipos = MiposSettings(
+        base_url=reader.url("MIPOS_BASE_URL", DEFAULT_MIPOS_BASE_URL, ("http", "https")),
+        client_id=reader.required("MIPOS_CLIENT_ID"),
+        client_secret=reader.required("MIPOS_CLIENT_SECRET"),
+        email=reader.required("MIPOS_EMAIL"),
+        password=reader.required("MIPOS_PASSWORD"),
+        timeout_s=reader.positive_float("MIPOS_TIMEOUT_S", "10"),
+    )
+    retry = RetrySettings(
+        max_attempts=reader.positive_int("MIPOS_RETRY_MAX_ATTEMPTS", "12"),
+        base_delay_s=reader.positive_float("MIPOS_RETRY_BASE_DELAY_S", "1"),
+        max_delay_s=reader.positive_float("MIPOS_RETRY_MAX_DELAY_S", "60"),
+        deadline_s=reader.positive_float("MIPOS_RETRY_DEADLINE_S", "600"),
+    )
+    if retry.max_delay_s < retry.base_delay_s:
+        reader.problems.append(
+            f"MIPOS_RETRY_MAX_DELAY_S={retry.max_delay_s!r} must not be below "
+            f"MIPOS_RETRY_BASE_DELAY_S={retry.base_delay_s!r}"
+        )
+    settings = WorkerSettings(
+        redis=redis,
+        mipos=mipos,
+        retry=retry,
+        log_level=reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+        log_format=reader.choice("LOG_FORMAT", "json", LOG_FORMATS, upper=False),
+    )
+    reader.check()
+    return settings

@@ -1,0 +1,101 @@
+"""The Celery app: transport, serialization and delivery settings, and signals.
+
+Importing this needs only ``REDIS_URL`` (the POS side); a worker checks every
+setting in ``celeryd_init`` and exits with one message if any is wrong.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from config import SettingsError, load_producer_settings, load_worker_settings
+from worker import delivery
+from worker.logging import bind_task_context, clear_task_context, configure_logging
+
+QUEUE = "mipos"
+
+_redis = load_producer_settings()
+
+# Bounded so that a POS calling `delay()` never hangs on a Redis that is down
+# or does not answer: it gets an exception within a few seconds.
+PRODUCER_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 3,
+    "socket_connect_timeout": 2,
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
+
+app = Celery("mipos", include=["tasks.orders"])
+app.conf.update(
+    broker_url=_redis.url,
+    broker_connection_timeout=2,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        **PRODUCER_TRANSPORT_OPTIONS,
+        "visibility_timeout": 180,  # replaced in the worker from its settings
+        "unacked_restore_interval": delivery.UNACKED_RESTORE_INTERVAL_S,
+        "unacked_restore_throttle": 1,
+    },
+    task_publish_retry_policy={
+        "max_retries": 1,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 0.5,
+    },
+    # JSON only: a pickled message is refused, never executed.
+    task_serializer="json",
+    result_serializer="json",
+    event_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    task_default_queue=QUEUE,
+    # At-least-once: acknowledge after the attempt, hand the message back if
+    # the process running it dies, and reserve one message at a time.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    # Our logging stays in charge; Flower sees tasks as they are sent and run.
+    worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    enable_utc=True,
+)
+
+
+@signals.celeryd_init.connect
+def _check_settings(conf: Any = None, **_: Any) -> None:
+    """Refuse to start a worker with a broken configuration, naming every problem."""
+    try:
+        settings = load_worker_settings()
+    except SettingsError as exc:
+        print(f"mipos-worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if conf is not None:
+        options = dict(conf.broker_transport_options or {})
+        options["visibility_timeout"] = delivery.visibility_timeout_s(settings)
+        conf.broker_transport_options = options
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    try:
+        settings = load_worker_settings()
+        configure_logging(settings.log_level, settings.log_format)
+    except SettingsError:
+        configure_logging()
+
+
+@signals.task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    bind_task_context(task_id or "", getattr(task, "name", ""))
+
+
+@signals.task_postrun.connect
+def _clear_task(**_: Any) -> None:
+    clear_task_context()

@@ -1,0 +1,39 @@
+"""How Celery delivers our messages on Redis: the numbers and why they are what they are.
+
+Kept apart from the app so the README and the tests can refer to one place.
+"""
+
+from __future__ import annotations
+
+from config import WorkerSettings
+
+# A countdown longer than the visibility timeout gets the message delivered
+# twice (kombu#337). Long waits are therefore cut into hops of at most this
+# many seconds; each hop is a new message that carries its `not_before` time.
+MAX_COUNTDOWN_HOP_S = 30.0
+
+# Seconds between kombu's sweeps that hand back messages a dead worker held
+# (kombu's default sweeps about every 100 s).
+UNACKED_RESTORE_INTERVAL_S = 5
+
+# HTTP calls one attempt may make in the worst case: token call and refresh,
+# the send, a refresh after a 401 (with its fallback token call), the resend.
+CALLS_PER_ATTEMPT = 6
+
+
+def attempt_bound_s(settings: WorkerSettings) -> float:
+    """The longest one attempt can take: every call at its connect + read timeouts."""
+    return CALLS_PER_ATTEMPT * 2 * settings.mipos.timeout_s
+
+
+def visibility_timeout_s(settings: WorkerSettings) -> int:
+    """Long enough for the longest hop plus the longest attempt, with slack.
+
+    A worker killed with SIGKILL gets its messages back after this, so it must
+    stay well inside mipos's 10-minute window: 30 + 120 + 30 = 180 s by default.
+    """
+    return int(MAX_COUNTDOWN_HOP_S + attempt_bound_s(settings) + 30)
+
+
+def order_lock_ttl_s(settings: WorkerSettings) -> float:
+    return attempt_bound_s(settings) + 10.0

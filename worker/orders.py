@@ -1,0 +1,91 @@
+"""The order an accept or deny is about, and the checks its arguments must pass.
+
+Used twice: in the POS's process before anything is enqueued, and in the
+worker for messages that another producer sent by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from worker.errors import InvalidOrder
+
+
+class Action(StrEnum):
+    ACCEPT = "accept"
+    DENY = "deny"
+
+    @property
+    def done_outcome(self) -> str:
+        return "accepted" if self is Action.ACCEPT else "denied"
+
+
+ORDER_FIELDS = ("delivery_id", "store_id", "order_external_id")
+
+
+@dataclass(frozen=True)
+class Order:
+    delivery_id: str
+    store_id: str
+    order_external_id: str
+
+    @property
+    def key(self) -> str:
+        """Identifies the order at mipos: one store's external id."""
+        return f"{self.store_id}/{self.order_external_id}"
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "delivery_id": self.delivery_id,
+            "store_id": self.store_id,
+            "order_external_id": self.order_external_id,
+        }
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    action: Action
+    order: Order
+    message: str | None = None  # the reason, for a deny
+
+    def body(self) -> dict[str, str]:
+        body = self.order.fields()
+        if self.message is not None:
+            body["message"] = self.message
+        return body
+
+
+def _as_id(field: str, value: Any) -> str:
+    if isinstance(value, bool):
+        raise InvalidOrder(field, f"must be a non-empty string or an integer, got {value!r}")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        if not value.strip():
+            raise InvalidOrder(field, "must not be empty")
+        return value.strip()
+    if value is None:
+        raise InvalidOrder(field, "is required")
+    raise InvalidOrder(
+        field, f"must be a non-empty string or an integer, got {type(value).__name__}"
+    )
+
+
+def parse_order_request(action: Action, arguments: dict[str, Any]) -> OrderRequest:
+    """Check and normalise an accept/deny's keyword arguments; raise naming the field."""
+    allowed = set(ORDER_FIELDS) | ({"message"} if action is Action.DENY else set())
+    unexpected = sorted(set(arguments) - allowed)
+    if unexpected:
+        raise InvalidOrder(unexpected[0], f"is not an argument of {action.value}_order")
+    order = Order(**{field: _as_id(field, arguments.get(field)) for field in ORDER_FIELDS})
+    message = None
+    if action is Action.DENY:
+        raw = arguments.get("message")
+        if raw is None:
+            raise InvalidOrder("message", "is required for a deny")
+        if not isinstance(raw, str) or not raw.strip():
+            raise InvalidOrder("message", f"must be a non-empty string, got {raw!r}")
+        message = raw.strip()
+    return OrderRequest(action=action, order=order, message=message)

@@ -1,0 +1,73 @@
+"""Per-process singletons of the worker: settings, Redis, the mipos client, stores.
+
+Built on first use, and again in a child after a fork, so no socket is shared
+between prefork processes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import redis
+
+from config import WorkerSettings, load_producer_settings, load_worker_settings
+from worker.deadletters import DeadLetters
+from worker.ledger import OrderLedger
+from worker.mipos import MiposClient
+from worker.redaction import register_secret
+from worker.tokens import TokenStore
+
+REDIS_SOCKET_TIMEOUT_S = 5.0
+
+
+def redis_from_url(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+        health_check_interval=30,
+    )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: WorkerSettings
+    redis: redis.Redis
+    client: MiposClient
+    tokens: TokenStore
+    ledger: OrderLedger
+    dead_letters: DeadLetters
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+_runtime_pid: int | None = None
+
+
+def get_runtime() -> Runtime:
+    global _runtime, _runtime_pid
+    with _lock:
+        if _runtime is None or _runtime_pid != os.getpid():
+            settings = load_worker_settings()
+            for secret in settings.mipos.secrets():
+                register_secret(secret, permanent=True)
+            client = MiposClient(settings.mipos)
+            r = redis_from_url(settings.redis.url)
+            prefix = settings.redis.key_prefix
+            _runtime = Runtime(
+                settings=settings,
+                redis=r,
+                client=client,
+                tokens=TokenStore(client, r, prefix),
+                ledger=OrderLedger(r, prefix),
+                dead_letters=DeadLetters(r, prefix),
+            )
+            _runtime_pid = os.getpid()
+        return _runtime
+
+
+def producer_redis() -> redis.Redis:
+    """A Redis client for the POS side, which has no mipos settings."""
+    return redis_from_url(load_producer_settings().url)
