@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import RedisServer, Sandbox, WorkerProcess, read_json_lines, wait_for
+
+SANDBOX_ENV = {
+    "MIPOS_CLIENT_ID": "sandbox-client",
+    "MIPOS_CLIENT_SECRET": "sandbox-client-secret-5e1f",
+    "MIPOS_EMAIL": "pos@sandbox.invalid",
+    "MIPOS_PASSWORD": "sandbox-password-9a7c",
+}
+# Fast, but the same shape as production: base 0.05 s doubling up to 0.4 s.
+FAST_RETRY_ENV = {
+    "MIPOS_TIMEOUT_S": "1",
+    "MIPOS_RETRY_BASE_DELAY_S": "0.05",
+    "MIPOS_RETRY_MAX_DELAY_S": "0.4",
+    "MIPOS_RETRY_MAX_ATTEMPTS": "6",
+    "MIPOS_RETRY_DEADLINE_S": "60",
+}
+ATTEMPT_EVENTS = ("accept_attempt", "deny_attempt")
+FINAL_OUTCOMES = ("accepted", "denied", "failed", "skipped")
+# Every token the sandbox issued during the run, for the no-secrets check.
+SEEN_TOKENS: set[str] = set()
+
+
+@pytest.fixture(scope="session")
+def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    server = Sandbox(tmp_path_factory.mktemp("sandbox"))
+    yield server
+    server.stop()
+
+
+def new_order_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Cluster:
+    """A group of worker processes, as the Procfile starts them, with their logs."""
+
+    def __init__(self, redis_server: RedisServer, sandbox: Sandbox, logdir: Path,
+                 processes: int, env: dict[str, str]) -> None:
+        self.redis = redis_server
+        self.sandbox = sandbox
+        self.control = sandbox.control
+        self.env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+            "REDIS_URL": redis_server.url,
+            "MIPOS_BASE_URL": sandbox.url,
+            **SANDBOX_ENV,
+            **FAST_RETRY_ENV,
+            "WORKER_CONCURRENCY": "4",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "INFO",
+            **env,
+        }
+        tag = uuid.uuid4().hex[:8]
+        self.workers = [
+            WorkerProcess(self.env, logdir / f"worker-{tag}-{i}.log") for i in range(processes)
+        ]
+        for worker in self.workers:
+            worker.wait_ready()
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [line for w in self.workers for line in read_json_lines(w.log_path)]
+
+    def attempt_lines(self, order_external_id: str) -> list[dict[str, Any]]:
+        lines = [
+            line for line in self.lines()
+            if line.get("event") in ATTEMPT_EVENTS
+            and line.get("order_external_id") == order_external_id
+        ]
+        return sorted(lines, key=lambda line: line["timestamp"])
+
+    def wait_final(self, order_external_id: str, count: int = 1,
+                   timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until the order has ``count`` final lines; return all its attempt lines."""
+        def final() -> list[dict[str, Any]] | None:
+            lines = self.attempt_lines(order_external_id)
+            done = [line for line in lines if line["outcome"] in FINAL_OUTCOMES]
+            return lines if len(done) >= count else None
+        return wait_for(final, timeout=timeout, what=f"final outcome of {order_external_id}")
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        harvest_tokens(self.sandbox)
+
+
+def harvest_tokens(sandbox: Sandbox) -> None:
+    for request in sandbox.control.requests():
+        auth = request.get("authorization") or ""
+        if auth.startswith("Bearer ") and len(auth) > 7:
+            SEEN_TOKENS.add(auth[7:])
+
+
+ClusterFactory = Callable[..., Cluster]
+
+
+@pytest.fixture
+def make_cluster(redis_server: RedisServer, sandbox: Sandbox, logdir: Path) -> Iterator[ClusterFactory]:
+    """Start workers from a clean slate: empty Redis, sandbox reset (cold tokens)."""
+    clusters: list[Cluster] = []
+
+    def start(processes: int = 1, **env: str) -> Cluster:
+        harvest_tokens(sandbox)
+        redis_server.client.flushall()
+        sandbox.control.reset()
+        cluster = Cluster(redis_server, sandbox, logdir, processes, env)
+        clusters.append(cluster)
+        return cluster
+
+    yield start
+    for cluster in clusters:
+        cluster.stop()
