@@ -1,0 +1,224 @@
+"""`make run`: the whole system on one machine, with an embedded default for each part.
+
+- Redis: ``REDIS_URL`` if set; else a local redis-server on 127.0.0.1:6390 with
+  its append-only file under ``.run/redis`` (started here, stopped on exit).
+- mipos: the real API when ``MIPOS_CLIENT_ID`` is set; else the sandbox on
+  127.0.0.1:8765, and a few demo orders, some of which meet transient faults.
+- the worker and Flower, each from its Procfile line.
+
+Ctrl-C stops everything this script started (by PID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RUN_DIR = ROOT / ".run"
+LOCAL_REDIS_PORT = 6390
+SANDBOX_PORT = 8765
+FLOWER_PORT = 5555
+
+
+def log(message: str) -> None:
+    print(f"[make run] {message}", flush=True)
+
+
+def procfile_command(name: str) -> str:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    raise SystemExit(f"Procfile has no {name}: line")
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, command: list[str], env: dict[str, str], **kw: object) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True, **kw)  # type: ignore[call-overload]
+        self.processes.append((name, proc))
+        log(f"started {name} (pid {proc.pid})")
+        return proc
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.processes):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for name, proc in reversed(self.processes):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+            log(f"stopped {name} (pid {proc.pid})")
+
+
+def wait_until(check: object, timeout: float, what: str) -> None:
+    give_up = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > give_up:
+            raise SystemExit(f"[make run] timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def start_redis(stack: Stack, env: dict[str, str]) -> None:
+    import redis
+
+    url = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    env["REDIS_URL"] = url
+    if up():
+        log(f"using the Redis already listening on {url}")
+        return
+    data = RUN_DIR / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    stack.start(
+        "redis-server",
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(LOCAL_REDIS_PORT),
+         "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
+         "--maxmemory-policy", "noeviction"],
+        env,
+        stdout=open(RUN_DIR / "redis.log", "ab"), stderr=subprocess.STDOUT,
+    )
+    wait_until(up, 15, "redis-server")
+    log(f"Redis on {url} (append-only file in {data})")
+
+
+def start_sandbox(stack: Stack, env: dict[str, str]) -> str:
+    from sandbox import SANDBOX_CREDENTIALS, SandboxControl
+
+    proc = stack.start(
+        "sandbox mipos",
+        [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", str(SANDBOX_PORT), "--quiet"],
+        env, stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    match = re.search(r"http://\S+", line)
+    if not match:
+        raise SystemExit(f"[make run] the sandbox did not start (port {SANDBOX_PORT} busy?): {line!r}")
+    url = match.group(0)
+    SandboxControl(url).wait_until_up(10)
+    env["MIPOS_BASE_URL"] = url
+    env["MIPOS_CLIENT_ID"] = SANDBOX_CREDENTIALS["client_id"]
+    env["MIPOS_CLIENT_SECRET"] = SANDBOX_CREDENTIALS["client_secret"]
+    env["MIPOS_EMAIL"] = SANDBOX_CREDENTIALS["email"]
+    env["MIPOS_PASSWORD"] = SANDBOX_CREDENTIALS["password"]
+    log(f"no MIPOS_CLIENT_ID set: using the sandbox mipos at {url}")
+    return url
+
+
+DEMO_ORDERS = [
+    ("accept", "plain acceptance", []),
+    ("accept", "'Unable to get token.' twice, then accepted",
+     [{"status": 409, "message": "Unable to get token.", "times": 2}]),
+    ("accept", "a 500 and a dropped connection, then accepted",
+     [{"status": 500, "message": "Server Error"}, {"drop": True}]),
+    ("accept", "429 with Retry-After: 2", [{"status": 429, "message": "Too Many Attempts.", "retry_after": 2}]),
+    ("deny", "deny: out of stock", []),
+    ("accept", "'Order not found.': permanent, dead-lettered",
+     [{"status": 409, "message": "Order not found.", "times": -1}]),
+]
+
+
+def enqueue_demo(sandbox_url: str) -> list[str]:
+    from sandbox import SandboxControl
+    from tasks import accept_order, deny_order
+
+    control = SandboxControl(sandbox_url)
+    ids = []
+    for number, (action, label, faults) in enumerate(DEMO_ORDERS, start=1):
+        order_id = str(uuid.uuid4())
+        if faults:
+            control.add_faults(order_id, *faults)
+        if action == "accept":
+            accept_order.delay(delivery_id=number, store_id="3", order_external_id=order_id)
+        else:
+            deny_order.delay(delivery_id=number, store_id="3", order_external_id=order_id,
+                             message="Out of stock")
+        log(f"enqueued demo order {number}: {label} ({order_id})")
+        ids.append(order_id)
+    return ids
+
+
+def demo_finished(redis_url: str, ids: list[str]) -> bool:
+    import redis
+
+    from worker.deadletters import DeadLetters
+
+    client = redis.Redis.from_url(redis_url)
+    prefix = os.environ.get("MIPOS_REDIS_PREFIX", "mipos:")
+    dead = {letter.order.get("order_external_id") for letter in DeadLetters(client, prefix).list(100)}
+    done = [i for i in ids if client.exists(f"{prefix}done:3/{i}") or i in dead]
+    return len(done) == len(ids)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exit-after-demo", action="store_true",
+                        help="stop once the demo orders are accepted, denied or dead-lettered")
+    options = parser.parse_args()
+
+    RUN_DIR.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("LOG_FORMAT", "console")
+    env.setdefault("WORKER_CONCURRENCY", "4")
+    stack = Stack()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        if not env.get("REDIS_URL"):
+            start_redis(stack, env)
+        sandbox_url = None
+        if not env.get("MIPOS_CLIENT_ID"):
+            sandbox_url = start_sandbox(stack, env)
+        os.environ["REDIS_URL"] = env["REDIS_URL"]
+
+        worker = stack.start("worker", ["bash", "-c", f"exec {procfile_command('worker')}"], env)
+        flower_env = dict(env, PORT=str(FLOWER_PORT), FLOWER_ADDRESS="127.0.0.1")
+        if not flower_env.get("FLOWER_BASIC_AUTH"):
+            flower_env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(9)}"
+        stack.start("flower", ["bash", "-c", f"exec {procfile_command('flower')}"], flower_env,
+                    stdout=open(RUN_DIR / "flower.log", "ab"), stderr=subprocess.STDOUT)
+        user, password = flower_env["FLOWER_BASIC_AUTH"].split(":", 1)
+        log(f"Flower: http://127.0.0.1:{FLOWER_PORT} (user {user!r}, password {password!r})")
+
+        if sandbox_url:
+            time.sleep(2)  # let the worker connect before the demo lines start to scroll
+            ids = enqueue_demo(sandbox_url)
+            if options.exit_after_demo:
+                wait_until(lambda: demo_finished(env["REDIS_URL"], ids), 90, "the demo orders")
+                log("demo finished: every order accepted, denied or dead-lettered")
+                return 0
+        log("running; press Ctrl-C to stop")
+        while worker.poll() is None:
+            time.sleep(0.5)
+        log(f"the worker exited with code {worker.returncode}")
+        return worker.returncode or 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
