@@ -63,19 +63,26 @@ def stop_process(proc: subprocess.Popen[Any], *, group: bool = True, timeout: fl
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False) -> None:
+        self.port = port or free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-             "--save", "", "--appendonly", "no", "--dir", str(workdir),
+             "--save", "", "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir),
              "--maxmemory-policy", "noeviction"],
             stdout=open(workdir / "redis.log", "wb"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.client = redis.Redis.from_url(self.url, socket_timeout=5)
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the server with the same port and data directory."""
+        if self.proc.poll() is not None:
+            self.proc = subprocess.Popen(self.proc.args, stdout=open(self.workdir / "redis.log", "ab"),
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._ping, timeout=15, what="redis-server to answer PING")
 
     def _ping(self) -> bool:
