@@ -40,12 +40,16 @@ def accepted_orders(control: Any) -> dict[str, int]:
     return {v["order_external_id"]: v["accepted"] for v in control.orders()["orders"].values()}
 
 
+def all_accepted(control: Any, ids: list[str]) -> bool:
+    accepted = accepted_orders(control)
+    return all(accepted.get(i) == 1 for i in ids)
+
+
 def test_cold_start_of_100_orders_on_two_processes_makes_one_token_call(
         make_cluster: ClusterFactory, tasks: ModuleType) -> None:
     cluster = make_cluster(processes=2)
     ids = enqueue_many(tasks, 100)
-    wait_for(lambda: all(accepted_orders(cluster.control).get(i) == 1 for i in ids),
-             timeout=60, what="100 acceptances")
+    wait_for(lambda: all_accepted(cluster.control, ids), timeout=60, what="100 acceptances")
 
     stats = cluster.control.stats()
     assert stats["token_calls"] == 1 and stats["refresh_calls"] == 0
@@ -63,9 +67,10 @@ def test_token_expiry_and_rotation_mid_stream(make_cluster: ClusterFactory,
     started = time.monotonic()
     for _ in range(8):  # ~8 s of orders: several tokens' lifetimes
         ids += enqueue_many(tasks, 10)
-        wait_for(lambda: all(accepted_orders(cluster.control).get(i) for i in ids), timeout=30,
+        wait_for(lambda: all_accepted(cluster.control, ids), timeout=30,
                  what="the batch to be accepted")
-        cluster.control.expire_token() if len(ids) == 40 else None  # an early, unannounced expiry
+        if len(ids) == 40:
+            cluster.control.expire_token()  # an early, unannounced expiry: 401s, one refresh
         time.sleep(0.5)  # the stream's pace, not synchronisation
     elapsed = time.monotonic() - started
 
@@ -74,6 +79,8 @@ def test_token_expiry_and_rotation_mid_stream(make_cluster: ClusterFactory,
     assert stats["token_calls"] == 1
     needed = elapsed / 2.0 + 2  # one rotation per lifetime, plus the forced expiry
     assert 1 <= stats["refresh_calls"] <= needed + 2, stats
+    unauthorized = [line for line in cluster.lines() if line.get("http_status") == 401]
+    assert unauthorized, "the forced expiry should have met a 401"
     mismatches = [r for r in cluster.control.requests(path="/api/oauth/token/refresh")
                   if r["status"] != 200]
     assert mismatches == []
