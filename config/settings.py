@@ -69,6 +69,7 @@ class WorkerSettings:
     retry: RetrySettings
     log_level: str
     log_format: str
+    visibility_timeout_s: float | None  # None: derived from the timeouts (worker.delivery)
 
 
 class _Reader:
@@ -189,6 +190,10 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
         retry=retry,
         log_level=reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         log_format=reader.choice("LOG_FORMAT", "json", LOG_FORMATS, upper=False),
+        visibility_timeout_s=(
+            reader.positive_float("MIPOS_VISIBILITY_TIMEOUT_S", "1")
+            if reader.raw("MIPOS_VISIBILITY_TIMEOUT_S", None) is not None else None
+        ),
     )
     reader.check()
     return settings

@@ -130,6 +130,7 @@ class _Attempt:
             # Sent by name without our stamp: the deadline counts from the first attempt.
             self.enqueued_at = self.now
         self.deadline_at = self.enqueued_at + self.settings.retry.deadline_s
+        self._note_interrupted_attempt()
         self.history = self.rt.ledger.history(self.task_id)
         self.line = AttemptLine(
             action=action,
@@ -287,7 +288,7 @@ class _Attempt:
         """Come back after ``wait_s``, in hops short enough for the visibility timeout."""
         kwargs = {**self.kwargs, ENQUEUED_AT: self.enqueued_at,
                   NOT_BEFORE: not_before if not_before is not None else self.not_before}
-        countdown = max(0.0, min(wait_s, delivery.MAX_COUNTDOWN_HOP_S))
+        countdown = max(0.0, min(wait_s, delivery.countdown_hop_s(self.settings)))
         raise self.task.retry(args=(), kwargs=kwargs, countdown=countdown)
 
     def _reschedule(self, wait_s: float) -> None:
@@ -296,6 +297,18 @@ class _Attempt:
 
     # -- bookkeeping --------------------------------------------------------
 
+    def _note_interrupted_attempt(self) -> None:
+        """A worker died with a request of this task in flight: put it in the history."""
+        attempt = self.rt.ledger.interrupted_attempt(self.task_id)
+        if attempt is None:
+            return
+        self.rt.ledger.record_attempt(self.task_id, {
+            "attempt": attempt, "at": self.now, "outcome": "unknown", "http_status": None,
+            "error": "the worker was lost during the attempt", "error_class": "transient",
+            "retry_in_s": None, "elapsed_ms": None, "counted": True, "outcome_unknown": True,
+        })
+        self.rt.ledger.clear_sending(self.task_id)
+
     def _next_attempt(self) -> int:
         return len(self.history) + 1
 
@@ -303,8 +316,6 @@ class _Attempt:
         return sum(1 for record in self.history if record.get("counted"))
 
     def _previous_outcome_unknown(self) -> bool:
-        if self.rt.ledger.interrupted_attempt(self.task_id) is not None:
-            return True  # a worker died with a request in flight
         return bool(self.history) and bool(self.history[-1].get("outcome_unknown"))
 
     def _record(self, attempt: int, outcome: str, answer: Answer, verdict: Verdict,

@@ -75,12 +75,20 @@ class Cluster:
             "LOG_LEVEL": "INFO",
             **env,
         }
-        tag = uuid.uuid4().hex[:8]
-        self.workers = [
-            WorkerProcess(self.env, logdir / f"worker-{tag}-{i}.log") for i in range(processes)
-        ]
+        self.logdir = logdir
+        self.tag = uuid.uuid4().hex[:8]
+        self.workers: list[WorkerProcess] = []
+        for _ in range(processes):
+            self.start_worker(wait=False)
         for worker in self.workers:
             worker.wait_ready()
+
+    def start_worker(self, wait: bool = True) -> WorkerProcess:
+        worker = WorkerProcess(self.env, self.logdir / f"worker-{self.tag}-{len(self.workers)}.log")
+        self.workers.append(worker)
+        if wait:
+            worker.wait_ready()
+        return worker
 
     def lines(self) -> list[dict[str, Any]]:
         return [line for w in self.workers for line in read_json_lines(w.log_path)]

@@ -79,6 +79,7 @@ def _check_settings(conf: Any = None, **_: Any) -> None:
     if conf is not None:
         options = dict(conf.broker_transport_options or {})
         options["visibility_timeout"] = delivery.visibility_timeout_s(settings)
+        options["unacked_restore_interval"] = delivery.restore_interval_s(settings)
         conf.broker_transport_options = options
 
 
