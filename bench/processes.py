@@ -1,0 +1,166 @@
+"""Real processes for tests, benchmarks and the chaos run: redis-server, the sandbox, workers.
+
+Each process is started here and ended by its PID (its process group, for the
+worker's pool children). Every wait has a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 20.0, interval: float = 0.05,
+             what: str = "condition") -> T:
+    """Poll until ``condition()`` is truthy; fail the test after ``timeout`` seconds."""
+    give_up = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > give_up:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen[Any], *, group: bool = True, timeout: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.terminate()
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
+             "--save", "", "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir),
+             "--maxmemory-policy", "noeviction"],
+            stdout=open(workdir / "redis.log", "wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis.from_url(self.url, socket_timeout=5)
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the server with the same port and data directory."""
+        if self.proc.poll() is not None:
+            self.proc = subprocess.Popen(self.proc.args, stdout=open(self.workdir / "redis.log", "ab"),
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._ping, timeout=15, what="redis-server to answer PING")
+
+    def _ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Sandbox:
+    def __init__(self, workdir: Path, *extra_args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", "0", "--quiet",
+             *extra_args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=open(workdir / "sandbox.log", "wb"),
+            text=True, start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # the server prints its address once it listens
+        match = re.search(r"http://\S+", line)
+        if not match:
+            stop_process(self.proc)
+            raise RuntimeError(f"sandbox did not start: {line!r}")
+        self.url = match.group(0)
+        from sandbox import SandboxControl
+
+        self.control = SandboxControl(self.url)
+        self.control.wait_until_up(10)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def procfile_command(name: str) -> str:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    raise KeyError(name)
+
+
+class WorkerProcess:
+    """One ``worker:`` line of the Procfile, run as written, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f"exec {procfile_command('worker')}"],
+            cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"worker exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
+            return " ready." in self.log_path.read_text()
+        wait_for(ready, timeout=timeout, what="the worker to be ready")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        os.killpg(self.proc.pid, sig)
+        self.proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=20)
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    lines = []
+    for raw in path.read_text(errors="replace").splitlines():
+        raw = raw.strip()
+        if raw.startswith("{"):
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue
+    return lines
