@@ -14,21 +14,21 @@ class SandboxControl:
         self.timeout = timeout
         self.session = requests.Session()
 
-    def _get(self, name: str, **params: Any) -> Any:
-        response = self.session.get(f"{self.base_url}/_sandbox/{name}",
-                                    params={k: v for k, v in params.items() if v is not None},
-                                    timeout=self.timeout)
-        response.raise_for_status()
-        return response.json()
-
-    def _post(self, name: str, body: dict[str, Any] | None = None) -> Any:
-        response = self.session.post(f"{self.base_url}/_sandbox/{name}", json=body or {},
-                                     timeout=self.timeout)
-        response.raise_for_status()
+    def _call(self, method: str, name: str, *, params: dict[str, Any] | None = None,
+              body: dict[str, Any] | None = None) -> Any:
+        response = self.session.request(
+            method, f"{self.base_url}/_sandbox/{name}",
+            params={k: v for k, v in (params or {}).items() if v is not None},
+            json=body if method == "POST" else None, timeout=self.timeout)
+        if not response.ok:
+            # Keep the sandbox's explanation (a bad fault, a bad config key) in the error.
+            raise requests.HTTPError(
+                f"{method} /_sandbox/{name}: HTTP {response.status_code}: {response.text}",
+                response=response)
         return response.json()
 
     def health(self) -> bool:
-        return bool(self._get("health").get("ok"))
+        return bool(self._call("GET", "health").get("ok"))
 
     def wait_until_up(self, timeout_s: float) -> None:
         give_up = time.monotonic() + timeout_s
@@ -43,26 +43,37 @@ class SandboxControl:
             time.sleep(0.05)
 
     def reset(self) -> None:
-        self._post("reset")
+        self._call("POST", "reset", body={})
 
     def config(self, **settings: Any) -> dict[str, Any]:
-        return dict(self._post("config", settings))
+        """Change any of token_ttl_s, latency_ms, expires_in_format, fault_rates,
+        timeout_delay_s; returns the whole config."""
+        return dict(self._call("POST", "config", body=settings))
 
     def expire_token(self) -> None:
-        self._post("expire-token")
+        self._call("POST", "expire-token", body={})
 
     def add_faults(self, order_external_id: str, *faults: dict[str, Any]) -> None:
-        self._post("faults", {"order_external_id": order_external_id, "faults": list(faults)})
+        self._call("POST", "faults", body={"order_external_id": order_external_id,
+                                           "faults": list(faults)})
 
-    def deliver(self, store_id: str, delivery_id: int, external_id: str, **extra: Any) -> None:
-        self._post("deliver", {"store_id": store_id, "delivery_id": delivery_id,
-                               "external_id": external_id, **extra})
+    def deliver(self, store_id: str, delivery_id: int, external_id: str, *,
+                order_number: str | None = None, total: float | None = None,
+                created_at: float | None = None) -> None:
+        body: dict[str, Any] = {"store_id": store_id, "delivery_id": delivery_id,
+                                "external_id": external_id}
+        optional = {"order_number": order_number, "total": total, "created_at": created_at}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        self._call("POST", "deliver", body=body)
 
-    def requests(self, order_external_id: str | None = None, path: str | None = None) -> list[dict[str, Any]]:
-        return list(self._get("requests", order_external_id=order_external_id, path=path)["requests"])
+    def requests(self, order_external_id: str | None = None,
+                 path: str | None = None) -> list[dict[str, Any]]:
+        params = {"order_external_id": order_external_id, "path": path}
+        return list(self._call("GET", "requests", params=params)["requests"])
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._get("stats"))
+        return dict(self._call("GET", "stats"))
 
     def orders(self) -> dict[str, Any]:
-        return dict(self._get("orders"))
+        """``{"orders": {"STORE/ORDER": {...}}}``, as the endpoint answers."""
+        return dict(self._call("GET", "orders"))

@@ -5,42 +5,59 @@ current token (even an expired one) and never rotates it; refresh rotates and
 kills the old token at once; a refresh with a token that is no longer current
 answers ``Token Mismatch.``; ``expires_in`` is a string holding a Unix time.
 
-Control endpoints under ``/_sandbox/`` let tests and demos program faults per
-order, read every request received, and change the token lifetime or latency.
+Control endpoints under ``/_sandbox/`` let tests and benchmarks program faults
+per order, read every request received, and change the token lifetime or latency.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 PENDING_WINDOW_S = 600.0  # mipos lists an order as pending for 10 minutes
-MAX_RECORDED_REQUESTS = 200_000
+MAX_RECORDED_REQUESTS = 500_000  # a bound on memory for very long benchmark runs
 
-ACCEPT_PATH = "/api/v1/integration/order/accept"
-DENY_PATH = "/api/v1/integration/order/deny"
 TOKEN_PATH = "/api/oauth/token"
 REFRESH_PATH = "/api/oauth/token/refresh"
-ORDERS_PATH = re.compile(r"^/api/v1/orders/(?P<store_id>[^/]+)$")
+ACCEPT_PATH = "/api/v1/integration/order/accept"
+DENY_PATH = "/api/v1/integration/order/deny"
+ORDERS_PATH = re.compile(r"^/api/v1/orders(?:/(?P<store_id>[^/]*))?/?$")
+CONTROL_PREFIX = "/_sandbox/"
 
+TOKEN_FIELDS = ("client_id", "client_secret", "grant_type", "email", "password")
+REFRESH_FIELDS = ("client_id", "client_secret", "grant_type", "refresh_token")
 ORDER_FIELDS = ("delivery_id", "store_id", "order_external_id")
+DENY_FIELDS = ORDER_FIELDS + ("message",)
+EXPIRES_IN_FORMATS = ("absolute", "relative", "missing")
+UNAUTHORIZED = "Unauthorized."
+SUCCESS = {"message": ["Operation completed successfully"], "data": None}
+
+# What each kind of `fault_rates` entry does to an accept/deny request.
 RANDOM_FAULTS: dict[str, dict[str, Any]] = {
     "unable_to_get_token": {"status": 409, "message": "Unable to get token."},
     "http_500": {"status": 500, "message": "Server Error"},
-    "timeout": {"delay_s": None},  # delay filled from config.timeout_delay_s
+    "timeout": {},  # delay_s filled in from config.timeout_delay_s
     "drop": {"drop": True},
 }
+FAULT_KEYS = {"status", "message", "body", "raw_body", "retry_after", "delay_s", "drop",
+              "times", "apply"}
+
+Json = Any
+Answer = tuple[int, Json]
 
 
 @dataclass
@@ -51,6 +68,16 @@ class SandboxConfig:
     fault_rates: dict[str, float] = field(default_factory=dict)
     timeout_delay_s: float = 15.0
     credentials: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> SandboxConfig:
+        return SandboxConfig(**{**asdict(self), "fault_rates": dict(self.fault_rates),
+                                "credentials": dict(self.credentials)})
+
+    def public(self) -> dict[str, Any]:
+        """The settings ``/_sandbox/config`` can change (the account is fixed)."""
+        data = asdict(self)
+        data.pop("credentials")
+        return data
 
 
 @dataclass
@@ -63,88 +90,455 @@ class OrderRecord:
     deny_messages: list[str] = field(default_factory=list)
 
 
+@dataclass
+class OrderCall:
+    """What the handler needs to finish an accept/deny request after the locked part."""
+
+    entry: dict[str, Any]
+    token_valid: bool
+    fault: dict[str, Any] | None
+
+
+# -- small pure helpers ---------------------------------------------------------
+
+
+def conflict(message: str) -> Answer:
+    return 409, {"message": [message], "data": None}
+
+
+def required(field_name: str) -> str:
+    return f"The {field_name.replace('_', ' ')} field is required."
+
+
+def must_be_string(field_name: str) -> str:
+    return f"The {field_name.replace('_', ' ')} must be a string."
+
+
+def bearer_of(authorization: str | None) -> str | None:
+    if authorization and authorization.startswith("Bearer "):
+        return authorization[len("Bearer "):].strip() or None
+    return None
+
+
+def missing_fields(body: dict[str, Any], fields: tuple[str, ...]) -> dict[str, list[str]]:
+    return {f: [required(f)] for f in fields if body.get(f) in (None, "")}
+
+
+def order_field_errors(body: dict[str, Any], fields: tuple[str, ...]) -> dict[str, list[str]]:
+    errors: dict[str, list[str]] = {}
+    for name in fields:
+        value = body.get(name)
+        if value is None or value == "":
+            errors[name] = [required(name)]
+        elif not isinstance(value, str):
+            errors[name] = [must_be_string(name)]
+    return errors
+
+
+def fault_problem(fault: Any) -> str | None:
+    """Why a programmed fault is unusable, or None when it is fine."""
+    if not isinstance(fault, dict):
+        return "a fault must be a JSON object"
+    unknown = set(fault) - FAULT_KEYS
+    if unknown:
+        return f"unknown fault keys {sorted(unknown)}"
+    times = fault.get("times", 1)
+    if not isinstance(times, int) or isinstance(times, bool) or not (times >= 1 or times == -1):
+        return "times must be a positive integer or -1"
+    if "status" in fault and (not isinstance(fault["status"], int) or not 100 <= fault["status"] <= 599):
+        return "status must be an integer HTTP status"
+    for key in ("delay_s", "retry_after"):
+        if key in fault and (not isinstance(fault[key], (int, float)) or fault[key] < 0):
+            return f"{key} must be a non-negative number"
+    if "raw_body" in fault and not isinstance(fault["raw_body"], str):
+        return "raw_body must be a string"
+    return None
+
+
+def describe_fault(fault: dict[str, Any]) -> str:
+    if "random" in fault:
+        return f"random:{fault['random']}"
+    return ",".join(f"{k}={v}" for k, v in fault.items() if k != "times")
+
+
+def fault_answer(fault: dict[str, Any]) -> tuple[int, Json, str | None]:
+    """(status, JSON body, raw text body) of a fault that carries a status."""
+    status = int(fault["status"])
+    if "raw_body" in fault:
+        return status, None, str(fault["raw_body"])
+    if "body" in fault:
+        return status, fault["body"], None
+    message = fault.get("message")
+    if status == 401:
+        return status, UNAUTHORIZED, None
+    if status == 409:
+        return status, {"message": [message or "Conflict."], "data": None}, None
+    if status == 422:
+        return status, {"delivery_id": [required("delivery_id")]}, None
+    return status, {"message": message or _phrase(status)}, None
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def iso8601(unix_time: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_time))
+
+
+# -- the shared state -------------------------------------------------------------
+
+
 class SandboxState:
-    """Everything the sandbox knows; one lock, never held while sleeping."""
+    """Everything the sandbox knows. One lock; callers never sleep while holding it."""
 
     def __init__(self, config: SandboxConfig) -> None:
-        self.initial = config
+        self.initial = config.copy()
         self.lock = threading.Lock()
-        self.reset()
+        with self.lock:
+            self._clear()
+
+    def _clear(self) -> None:
+        self.config = self.initial.copy()
+        self.token: str | None = None
+        self.token_expires_at = 0.0
+        self.faults: dict[str, deque[dict[str, Any]]] = {}
+        self.requests: list[dict[str, Any]] = []
+        self.orders: dict[str, OrderRecord] = {}
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.stores: set[str] = set()
+        self.counters = {"token_calls": 0, "refresh_calls": 0, "rotations": 0,
+                         "accept_calls": 0, "deny_calls": 0}
+        self.seq = 0
 
     def reset(self) -> None:
-        with getattr(self, "lock", threading.Lock()):
-            self.config = SandboxConfig(**{**asdict(self.initial),
-                                           "fault_rates": dict(self.initial.fault_rates),
-                                           "credentials": dict(self.initial.credentials)})
-            self.token: str | None = None
-            self.token_expires_at = 0.0
-            self.faults: dict[str, deque[dict[str, Any]]] = {}
-            self.requests: list[dict[str, Any]] = []
-            self.orders: dict[str, OrderRecord] = {}
-            self.pending: dict[str, dict[str, Any]] = {}
-            self.stats = {"token_calls": 0, "refresh_calls": 0, "rotations": 0,
-                          "accept_calls": 0, "deny_calls": 0}
-            self.seq = 0
+        with self.lock:
+            self._clear()
 
-    # -- tokens -----------------------------------------------------------
+    def latency_s(self) -> float:
+        with self.lock:
+            return max(0.0, self.config.latency_ms) / 1000.0
 
-    def mint(self, now: float) -> None:
-        self.token = secrets.token_urlsafe(32)
-        self.token_expires_at = now + self.config.token_ttl_s
+    # -- request record (callers hold the lock) ---------------------------------
 
-    def token_valid(self, authorization: str | None, now: float) -> bool:
-        if not authorization or not authorization.startswith("Bearer "):
-            return False
-        return authorization[7:] == self.token and now < self.token_expires_at
-
-    def token_data(self, now: float) -> dict[str, Any]:
-        data: dict[str, Any] = {"token": self.token, "token_type": "bearer"}
-        fmt = self.config.expires_in_format
-        if fmt == "absolute":
-            data["expires_in"] = str(int(self.token_expires_at))
-        elif fmt == "relative":
-            data["expires_in"] = str(max(0, int(self.token_expires_at - now)))
-        return data
-
-    # -- faults -------------------------------------------------------------
-
-    def take_fault(self, order_external_id: str) -> dict[str, Any] | None:
-        queue = self.faults.get(order_external_id)
-        if queue:
-            fault = queue[0]
-            times = int(fault.get("times", 1))
-            if times == 1:
-                queue.popleft()
-            elif times > 1:
-                fault["times"] = times - 1
-            return fault
-        for name, rate in self.config.fault_rates.items():
-            if name in RANDOM_FAULTS and rate > 0 and random.random() < rate:
-                fault = dict(RANDOM_FAULTS[name])
-                if "delay_s" in fault:
-                    fault["delay_s"] = self.config.timeout_delay_s
-                fault["random"] = name
-                return fault
-        return None
-
-    def record(self, entry: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, entry: dict[str, Any]) -> None:
         self.seq += 1
         entry["seq"] = self.seq
         if len(self.requests) < MAX_RECORDED_REQUESTS:
             self.requests.append(entry)
-        return entry
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self._record(entry)
+
+    def set_status(self, entry: dict[str, Any], status: int | None) -> None:
+        with self.lock:
+            entry["status"] = status
+
+    # -- tokens (callers hold the lock) -------------------------------------------
+
+    def _mint(self, now: float) -> None:
+        self.token = secrets.token_urlsafe(32)
+        self.token_expires_at = now + self.config.token_ttl_s
+
+    def _token_valid(self, authorization: str | None, now: float) -> bool:
+        token = bearer_of(authorization)
+        return token is not None and token == self.token and now < self.token_expires_at
+
+    def _token_data(self, now: float) -> dict[str, Any]:
+        data: dict[str, Any] = {"token": self.token, "token_type": "bearer"}
+        if self.config.expires_in_format == "absolute":
+            data["expires_in"] = str(int(self.token_expires_at))
+        elif self.config.expires_in_format == "relative":
+            data["expires_in"] = str(max(0, int(self.token_expires_at - now)))
+        return data
+
+    def _client_problem(self, body: dict[str, Any]) -> Answer | None:
+        credentials = self.config.credentials
+        if body["client_id"] != credentials.get("client_id"):
+            return conflict("Client id not found with this user.")
+        if body["client_secret"] != credentials.get("client_secret"):
+            return conflict("Client secret not found with this user.")
+        return None
+
+    # -- the mipos calls -----------------------------------------------------------
+
+    def token_call(self, body: dict[str, Any], now: float) -> Answer:
+        with self.lock:
+            self.counters["token_calls"] += 1
+            missing = missing_fields(body, TOKEN_FIELDS)
+            if missing:
+                return 422, missing
+            problem = self._client_problem(body)
+            if problem:
+                return problem
+            credentials = self.config.credentials
+            if (body["email"], body["password"]) != (credentials.get("email"), credentials.get("password")):
+                return conflict("Invalid credentials.")
+            if self.token is None:  # never rotates: only mints when the account has none
+                self._mint(now)
+            return 200, {"message": "Access token.", "data": self._token_data(now)}
+
+    def refresh_call(self, body: dict[str, Any], authorization: str | None, now: float) -> Answer:
+        with self.lock:
+            self.counters["refresh_calls"] += 1
+            missing = missing_fields(body, REFRESH_FIELDS)
+            if missing:
+                return 422, missing
+            problem = self._client_problem(body)
+            if problem:
+                return problem
+            current = self.token
+            if current is None or bearer_of(authorization) != current or body["refresh_token"] != current:
+                return conflict("Token Mismatch.")
+            self._mint(now)  # rotates: the old token stops working at once, expired or not
+            self.counters["rotations"] += 1
+            return 200, {"message": "New access token.", "data": self._token_data(now)}
+
+    def begin_order_call(self, deny: bool, body: dict[str, Any], authorization: str | None,
+                         entry: dict[str, Any], now: float) -> OrderCall:
+        """Count, check the token, take this request's fault, and record it."""
+        with self.lock:
+            self.counters["deny_calls" if deny else "accept_calls"] += 1
+            valid = self._token_valid(authorization, now)
+            fault = self._take_fault(str(body.get("order_external_id") or "")) if valid else None
+            entry["token_valid"] = valid
+            entry["fault"] = describe_fault(fault) if fault else None
+            self._record(entry)
+            return OrderCall(entry, valid, fault)
+
+    def _take_fault(self, order_external_id: str) -> dict[str, Any] | None:
+        queue = self.faults.get(order_external_id)
+        if queue:
+            fault = dict(queue[0])
+            times = int(queue[0].get("times", 1))
+            if times == 1:
+                queue.popleft()
+            elif times > 1:
+                queue[0]["times"] = times - 1
+            return fault
+        return self._random_fault()
+
+    def _random_fault(self) -> dict[str, Any] | None:
+        for name, rate in self.config.fault_rates.items():
+            if name in RANDOM_FAULTS and rate > 0 and random.random() < rate:
+                fault = {**RANDOM_FAULTS[name], "random": name}
+                if name == "timeout":
+                    fault["delay_s"] = self.config.timeout_delay_s
+                return fault
+        return None
+
+    def apply_order(self, deny: bool, body: dict[str, Any]) -> Answer:
+        errors = order_field_errors(body, DENY_FIELDS if deny else ORDER_FIELDS)
+        if errors:
+            return 422, errors
+        key = f"{body['store_id']}/{body['order_external_id']}"
+        with self.lock:
+            record = self.orders.get(key)
+            if record is None:
+                record = OrderRecord(body["store_id"], body["order_external_id"], body["delivery_id"])
+                self.orders[key] = record
+            if deny:
+                record.denied += 1
+                record.deny_messages.append(body["message"])
+            else:
+                record.accepted += 1
+            self.stores.add(body["store_id"])
+            self.pending.pop(key, None)
+        return 200, SUCCESS
+
+    def pending_call(self, store_id: str, authorization: str | None, entry: dict[str, Any],
+                     now: float) -> Answer:
+        with self.lock:
+            entry["token_valid"] = self._token_valid(authorization, now)
+            if not entry["token_valid"]:
+                return 401, UNAUTHORIZED
+            if not store_id:
+                return conflict("store_id is required.")
+            if store_id not in self.stores:
+                return conflict("Store not found.")
+            orders = [{k: v for k, v in order.items() if not k.startswith("_")}
+                      for order in self.pending.values()
+                      if order["store_id"] == store_id and now - order["_created"] < PENDING_WINDOW_S]
+        orders.sort(key=lambda order: order["created_at"])
+        return 200, {"message": "Orders.", "data": orders}
+
+    # -- control operations ----------------------------------------------------------
+
+    def update_config(self, changes: dict[str, Any]) -> Answer:
+        problem = config_problem(changes)
+        if problem:
+            return 400, {"error": problem}
+        with self.lock:
+            for key, value in changes.items():
+                if key == "fault_rates":
+                    self.config.fault_rates = {k: float(v) for k, v in value.items()}
+                elif key == "expires_in_format":
+                    self.config.expires_in_format = value
+                else:
+                    setattr(self.config, key, float(value))
+            return 200, self.config.public()
+
+    def expire_token(self) -> None:
+        with self.lock:
+            self.token_expires_at = min(self.token_expires_at, time.time())
+
+    def add_faults(self, order_external_id: str, faults: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.faults.setdefault(order_external_id, deque()).extend(dict(f) for f in faults)
+
+    def deliver(self, order: dict[str, Any]) -> None:
+        with self.lock:
+            self.stores.add(order["store_id"])
+            self.pending[f"{order['store_id']}/{order['external_id']}"] = order
+
+    def recorded(self, order_external_id: str | None, path: str | None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [dict(r) for r in self.requests
+                    if (order_external_id is None or _order_id_of(r) == order_external_id)
+                    and (path is None or r["path"] == path)]
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                **self.counters,
+                "accepted_orders": sum(1 for r in self.orders.values() if r.accepted),
+                "denied_orders": sum(1 for r in self.orders.values() if r.denied),
+                "current_token_expires_at": self.token_expires_at if self.token else None,
+            }
+
+    def order_records(self) -> dict[str, Any]:
+        with self.lock:
+            return {key: asdict(record) for key, record in self.orders.items()}
 
 
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value).encode()
+def _order_id_of(entry: dict[str, Any]) -> Any:
+    body = entry["body"]
+    return body.get("order_external_id") if isinstance(body, dict) else None
 
 
-def _conflict(message: str) -> tuple[int, Any]:
-    return 409, {"message": [message], "data": None}
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _required(field_name: str) -> str:
-    return f"The {field_name.replace('_', ' ')} field is required."
+def config_problem(changes: dict[str, Any]) -> str | None:
+    for key, value in changes.items():
+        if key in ("token_ttl_s", "latency_ms", "timeout_delay_s"):
+            if not _is_number(value) or value < 0:
+                return f"{key} must be a non-negative number"
+        elif key == "expires_in_format":
+            if value not in EXPIRES_IN_FORMATS:
+                return f"expires_in_format must be one of {', '.join(EXPIRES_IN_FORMATS)}"
+        elif key == "fault_rates":
+            if not isinstance(value, dict):
+                return "fault_rates must be an object"
+            for name, rate in value.items():
+                if name not in RANDOM_FAULTS:
+                    return f"unknown fault rate {name!r} (known: {', '.join(RANDOM_FAULTS)})"
+                if not _is_number(rate) or not 0 <= rate <= 1:
+                    return f"fault rate {name!r} must be between 0 and 1"
+        else:
+            return f"unknown config key {key!r}"
+    return None
+
+
+def pending_order(body: dict[str, Any]) -> dict[str, Any]:
+    """The order ``/_sandbox/deliver`` describes, as ``GET /api/v1/orders`` lists it."""
+    created = float(body.get("created_at") or time.time())
+    return {
+        "external_id": str(body["external_id"]),
+        "store_id": str(body["store_id"]),
+        "delivery_id": int(body["delivery_id"]),
+        "created_at": iso8601(created),
+        "order_number": str(body.get("order_number") or f"A-{body['delivery_id']}"),
+        "total": body.get("total", 0),
+        "items": [],
+        "_created": created,
+    }
+
+
+# -- control endpoints ---------------------------------------------------------------
+
+Query = dict[str, list[str]]
+ControlRoute = Callable[[SandboxState, Query, dict[str, Any]], Answer]
+
+
+def _first(query: Query, name: str) -> str | None:
+    values = query.get(name)
+    return values[0] if values else None
+
+
+def control_health(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    return 200, {"ok": True}
+
+
+def control_reset(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    state.reset()
+    return 200, {"ok": True}
+
+
+def control_config(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    return state.update_config(body)
+
+
+def control_expire_token(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    state.expire_token()
+    return 200, {"ok": True}
+
+
+def control_faults(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    order_id, faults = body.get("order_external_id"), body.get("faults")
+    if not isinstance(order_id, str) or not order_id or not isinstance(faults, list):
+        return 400, {"error": "need order_external_id (string) and faults (list)"}
+    for fault in faults:
+        problem = fault_problem(fault)
+        if problem:
+            return 400, {"error": problem, "fault": fault}
+    state.add_faults(order_id, faults)
+    return 200, {"ok": True}
+
+
+def control_deliver(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    missing = [f for f in ("store_id", "delivery_id", "external_id") if body.get(f) in (None, "")]
+    if missing:
+        return 400, {"error": f"missing {', '.join(missing)}"}
+    try:
+        order = pending_order(body)
+    except (TypeError, ValueError) as exc:
+        return 400, {"error": f"bad order: {exc}"}
+    state.deliver(order)
+    return 200, {"ok": True}
+
+
+def control_requests(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    return 200, {"requests": state.recorded(_first(query, "order_external_id"), _first(query, "path"))}
+
+
+def control_stats(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    return 200, state.stats()
+
+
+def control_orders(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    return 200, {"orders": state.order_records()}
+
+
+CONTROL_ROUTES: dict[tuple[str, str], ControlRoute] = {
+    ("GET", "health"): control_health,
+    ("POST", "reset"): control_reset,
+    ("POST", "config"): control_config,
+    ("POST", "expire-token"): control_expire_token,
+    ("POST", "faults"): control_faults,
+    ("POST", "deliver"): control_deliver,
+    ("GET", "requests"): control_requests,
+    ("GET", "stats"): control_stats,
+    ("GET", "orders"): control_orders,
+}
+
+
+# -- HTTP ----------------------------------------------------------------------------
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -155,301 +549,134 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(format, *args)
 
-    # -- plumbing -----------------------------------------------------------
+    def do_GET(self) -> None:  # noqa: N802
+        self._dispatch()
 
-    def _read_body(self) -> Any:
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch()
+
+    do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_POST  # noqa: N815
+
+    @property
+    def state(self) -> SandboxState:
+        return self.server.state
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _read_body(self) -> Json:
+        """The body parsed as JSON; its text when it is not JSON; None when empty."""
         length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.rfile.read(length) if length > 0 else b""
         if not raw:
-            return {}
+            return None
         try:
             return json.loads(raw)
         except ValueError:
             return raw.decode(errors="replace")
 
-    def _send(self, status: int, body: Any = None, *, raw: str | None = None,
+    def _send(self, status: int, body: Json = None, *, raw: str | None = None,
               headers: dict[str, str] | None = None) -> None:
-        payload = raw.encode() if raw is not None else _json_bytes(body)
+        payload = raw.encode() if raw is not None else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "text/html" if raw is not None else "application/json")
+        self.send_header("Content-Type", "text/html; charset=UTF-8" if raw is not None
+                         else "application/json")
         self.send_header("Content-Length", str(len(payload)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(payload)
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _answer(self, entry: dict[str, Any], status: int, body: Json = None, *,
+                raw: str | None = None, headers: dict[str, str] | None = None) -> None:
+        self.state.set_status(entry, status)  # before writing: the client may ask at once
+        self._send(status, body, raw=raw, headers=headers)
 
     def _drop(self) -> None:
+        """Close the connection without a word; the client sees it closed at once."""
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
-    def do_GET(self) -> None:  # noqa: N802
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch("POST")
-
-    def _dispatch(self, method: str) -> None:
+    def _dispatch(self) -> None:
+        arrived = time.time()
         url = urlsplit(self.path)
-        body = self._read_body() if method == "POST" else None
-        if url.path.startswith("/_sandbox/"):
-            status, payload = self._control(method, url.path, parse_qs(url.query), body)
-            self._send(status, payload)
+        try:
+            body = self._read_body()
+        except ValueError:
+            self.close_connection = True
+            self._send(400, {"message": "Bad Content-Length"})
             return
-        self._mipos(method, url.path, body)
+        if url.path.startswith(CONTROL_PREFIX):
+            self._control(url.path[len(CONTROL_PREFIX):], parse_qs(url.query), body)
+        else:
+            self._mipos(url.path, body, arrived)
 
-    # -- the mipos API ----------------------------------------------------------
+    def _control(self, name: str, query: Query, body: Json) -> None:
+        route = CONTROL_ROUTES.get((self.command, name))
+        if route is None:
+            self._send(404, {"error": f"no control endpoint {self.command} {CONTROL_PREFIX}{name}"})
+            return
+        status, payload = route(self.state, query, body if isinstance(body, dict) else {})
+        self._send(status, payload)
 
-    def _mipos(self, method: str, path: str, body: Any) -> None:
-        state = self.server.state
-        latency = state.config.latency_ms
+    # -- the mipos API ---------------------------------------------------------------
+
+    def _mipos(self, path: str, body: Json, arrived: float) -> None:
+        latency = self.state.latency_s()
         if latency > 0:
-            time.sleep(latency / 1000.0)
+            time.sleep(latency)
         now = time.time()
         auth = self.headers.get("Authorization")
-        entry: dict[str, Any] = {"time": now, "method": method, "path": path,
+        fields = body if isinstance(body, dict) else {}
+        entry: dict[str, Any] = {"time": arrived, "method": self.command, "path": path,
                                  "authorization": auth, "body": body, "status": None,
                                  "token_valid": None, "fault": None}
-        if method == "POST" and path == TOKEN_PATH:
-            status, payload = self._token_call(body, now)
-        elif method == "POST" and path == REFRESH_PATH:
-            status, payload = self._refresh_call(body, auth, now)
-        elif method == "POST" and path in (ACCEPT_PATH, DENY_PATH):
-            self._order_call(path, body, auth, entry)
+        orders_match = ORDERS_PATH.match(path)
+        if self.command == "POST" and path in (ACCEPT_PATH, DENY_PATH):
+            self._order_call(path == DENY_PATH, fields, auth, entry, now)
             return
-        elif method == "GET" and ORDERS_PATH.match(path):
-            status, payload = self._pending_call(ORDERS_PATH.match(path)["store_id"], auth, entry, now)  # type: ignore[index]
+        if self.command == "POST" and path == TOKEN_PATH:
+            status, payload = self.state.token_call(fields, now)
+        elif self.command == "POST" and path == REFRESH_PATH:
+            status, payload = self.state.refresh_call(fields, auth, now)
+        elif self.command == "GET" and orders_match:
+            store_id = unquote(orders_match["store_id"] or "")
+            status, payload = self.state.pending_call(store_id, auth, entry, now)
         else:
-            status, payload = 404, {"message": "Not Found"}
-        entry["status"] = status
-        with state.lock:
-            state.record(entry)
-        self._send(status, payload)
+            status, payload = 404, {"message": "Not Found."}
+        self.state.record(entry)
+        self._answer(entry, status, payload)
 
-    def _credentials_problem(self, body: Any, fields: tuple[str, ...]) -> tuple[int, Any] | None:
-        if not isinstance(body, dict):
-            body = {}
-        missing = {f: [_required(f)] for f in fields if not body.get(f)}
-        if missing:
-            return 422, missing
-        creds = self.server.state.config.credentials
-        if body["client_id"] != creds["client_id"]:
-            return _conflict("Client id not found with this user.")
-        if body["client_secret"] != creds["client_secret"]:
-            return _conflict("Client secret not found with this user.")
-        if "email" in fields and (body["email"] != creds["email"] or body["password"] != creds["password"]):
-            return _conflict("Invalid credentials.")
-        return None
-
-    def _token_call(self, body: Any, now: float) -> tuple[int, Any]:
-        state = self.server.state
-        problem = self._credentials_problem(
-            body, ("client_id", "client_secret", "grant_type", "email", "password"))
-        with state.lock:
-            state.stats["token_calls"] += 1
-            if problem:
-                return problem
-            if state.token is None:  # the token call never rotates: only mints the first
-                state.mint(now)
-            return 200, {"message": "Access token.", "data": state.token_data(now)}
-
-    def _refresh_call(self, body: Any, auth: str | None, now: float) -> tuple[int, Any]:
-        state = self.server.state
-        problem = self._credentials_problem(
-            body, ("client_id", "client_secret", "grant_type", "refresh_token"))
-        with state.lock:
-            state.stats["refresh_calls"] += 1
-            if problem:
-                return problem
-            bearer = auth[7:] if auth and auth.startswith("Bearer ") else None
-            if state.token is None:
-                return _conflict("Token not found with this user.")
-            if bearer != state.token or body.get("refresh_token") != state.token:
-                return _conflict("Token Mismatch.")
-            state.mint(now)  # rotates: the old token stops working at once
-            state.stats["rotations"] += 1
-            return 200, {"message": "New access token.", "data": state.token_data(now)}
-
-    def _order_call(self, path: str, body: Any, auth: str | None, entry: dict[str, Any]) -> None:
-        state = self.server.state
-        deny = path == DENY_PATH
-        body_dict = body if isinstance(body, dict) else {}
-        order_id = str(body_dict.get("order_external_id", ""))
-        with state.lock:
-            state.stats["deny_calls" if deny else "accept_calls"] += 1
-            valid = state.token_valid(auth, entry["time"])
-            entry["token_valid"] = valid
-            fault = state.take_fault(order_id) if valid else None
-            if fault:
-                entry["fault"] = fault.get("random") or _describe(fault)
-            state.record(entry)
-        if not valid:
-            entry["status"] = 401
-            self._send(401, "Unauthorized.")
+    def _order_call(self, deny: bool, body: dict[str, Any], auth: str | None,
+                    entry: dict[str, Any], now: float) -> None:
+        call = self.state.begin_order_call(deny, body, auth, entry, now)
+        if not call.token_valid:
+            self._answer(entry, 401, UNAUTHORIZED)
             return
-        if fault and fault.get("delay_s"):
+        fault = call.fault or {}
+        if fault.get("delay_s"):
             time.sleep(float(fault["delay_s"]))
-        if fault and fault.get("drop"):
+        if fault.get("drop"):
             self._drop()
             return
-        if fault and fault.get("status") is not None:
-            status, payload, raw = _fault_answer(fault)
-            entry["status"] = status
-            headers = {"Retry-After": str(int(fault["retry_after"]))} if "retry_after" in fault else {}
-            self._send(status, payload, raw=raw, headers=headers)
+        if fault.get("status") is not None:
+            status, payload, raw = fault_answer(fault)
+            self._answer(entry, status, payload, raw=raw, headers=retry_after_header(fault))
             return
-        if fault and fault.get("apply") is False:
-            self._drop()
+        if fault.get("apply") is False:
+            self._drop()  # mipos did not do it, and the client has stopped waiting
             return
-        status, payload = self._apply(body_dict, deny)
-        entry["status"] = status
-        self._send(status, payload)
-
-    def _apply(self, body: dict[str, Any], deny: bool) -> tuple[int, Any]:
-        fields = ORDER_FIELDS + (("message",) if deny else ())
-        errors: dict[str, list[str]] = {}
-        for f in fields:
-            value = body.get(f)
-            if value is None or value == "":
-                errors[f] = [_required(f)]
-            elif not isinstance(value, str):
-                errors[f] = [f"The {f.replace('_', ' ')} must be a string."]
-        if errors:
-            return 422, errors
-        state = self.server.state
-        key = f"{body['store_id']}/{body['order_external_id']}"
-        with state.lock:
-            record = state.orders.setdefault(
-                key, OrderRecord(body["store_id"], body["order_external_id"], body["delivery_id"]))
-            if deny:
-                record.denied += 1
-                record.deny_messages.append(body["message"])
-            else:
-                record.accepted += 1
-            state.pending.pop(key, None)
-        return 200, {"message": ["Operation completed successfully"], "data": None}
-
-    def _pending_call(self, store_id: str, auth: str | None, entry: dict[str, Any],
-                      now: float) -> tuple[int, Any]:
-        state = self.server.state
-        with state.lock:
-            entry["token_valid"] = state.token_valid(auth, now)
-            if not entry["token_valid"]:
-                return 401, "Unauthorized."
-            orders = [o for o in state.pending.values()
-                      if o["store_id"] == store_id and now - o["_created"] < PENDING_WINDOW_S]
-            known = any(o["store_id"] == store_id for o in state.pending.values()) or any(
-                r.store_id == store_id for r in state.orders.values())
-        if not known:
-            return _conflict("Store not found.")
-        data = [{k: v for k, v in o.items() if not k.startswith("_")} for o in orders]
-        return 200, {"message": "Orders.", "data": data}
-
-    # -- control ------------------------------------------------------------
-
-    def _control(self, method: str, path: str, query: dict[str, list[str]],
-                 body: Any) -> tuple[int, Any]:
-        state = self.server.state
-        body = body if isinstance(body, dict) else {}
-        name = path[len("/_sandbox/"):]
-        if method == "GET" and name == "health":
-            return 200, {"ok": True}
-        if method == "POST" and name == "reset":
-            state.reset()
-            return 200, {"ok": True}
-        if method == "POST" and name == "config":
-            with state.lock:
-                for key, value in body.items():
-                    if key in ("token_ttl_s", "latency_ms", "timeout_delay_s"):
-                        setattr(state.config, key, float(value))
-                    elif key == "expires_in_format" and value in ("absolute", "relative", "missing"):
-                        state.config.expires_in_format = value
-                    elif key == "fault_rates" and isinstance(value, dict):
-                        state.config.fault_rates = {k: float(v) for k, v in value.items()}
-                    else:
-                        return 400, {"error": f"unknown or bad config key {key!r}"}
-                config = asdict(state.config)
-            config.pop("credentials")
-            return 200, config
-        if method == "POST" and name == "expire-token":
-            with state.lock:
-                state.token_expires_at = time.time() - 1
-            return 200, {"ok": True}
-        if method == "POST" and name == "faults":
-            order_id = body.get("order_external_id")
-            faults = body.get("faults")
-            if not order_id or not isinstance(faults, list):
-                return 400, {"error": "need order_external_id and a list of faults"}
-            with state.lock:
-                state.faults.setdefault(str(order_id), deque()).extend(dict(f) for f in faults)
-            return 200, {"ok": True}
-        if method == "POST" and name == "deliver":
-            return self._deliver(body)
-        if method == "GET" and name == "requests":
-            order_id = (query.get("order_external_id") or [None])[0]
-            wanted_path = (query.get("path") or [None])[0]
-            with state.lock:
-                found = [
-                    dict(r) for r in state.requests
-                    if (order_id is None or (isinstance(r["body"], dict)
-                                             and r["body"].get("order_external_id") == order_id))
-                    and (wanted_path is None or r["path"] == wanted_path)
-                ]
-            return 200, {"requests": found}
-        if method == "GET" and name == "stats":
-            with state.lock:
-                stats = dict(state.stats)
-                stats["accepted_orders"] = sum(1 for r in state.orders.values() if r.accepted)
-                stats["denied_orders"] = sum(1 for r in state.orders.values() if r.denied)
-                stats["current_token_expires_at"] = state.token_expires_at if state.token else None
-            return 200, stats
-        if method == "GET" and name == "orders":
-            with state.lock:
-                orders = {k: asdict(v) for k, v in state.orders.items()}
-            return 200, {"orders": orders}
-        return 404, {"error": f"no control endpoint {method} {path}"}
-
-    def _deliver(self, body: dict[str, Any]) -> tuple[int, Any]:
-        missing = [f for f in ("store_id", "delivery_id", "external_id") if body.get(f) in (None, "")]
-        if missing:
-            return 400, {"error": f"missing {', '.join(missing)}"}
-        created = float(body.get("created_at") or time.time())
-        order = {
-            "external_id": str(body["external_id"]),
-            "store_id": str(body["store_id"]),
-            "delivery_id": body["delivery_id"],
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
-            "order_number": body.get("order_number", ""),
-            "total": body.get("total", 0),
-            "items": [],
-            "_created": created,
-        }
-        with self.server.state.lock:
-            self.server.state.pending[f"{order['store_id']}/{order['external_id']}"] = order
-        return 200, {"ok": True}
+        status, payload = self.state.apply_order(deny, body)
+        self._answer(entry, status, payload)
 
 
-def _describe(fault: dict[str, Any]) -> str:
-    parts = [f"{k}={v}" for k, v in fault.items() if k != "times"]
-    return ",".join(parts)
-
-
-def _fault_answer(fault: dict[str, Any]) -> tuple[int, Any, str | None]:
-    status = int(fault["status"])
-    if "raw_body" in fault:
-        return status, None, str(fault["raw_body"])
-    if "body" in fault:
-        return status, fault["body"], None
-    message = fault.get("message")
-    if status == 401:
-        return status, "Unauthorized.", None
-    if status == 409:
-        return status, {"message": [message or "Conflict."], "data": None}, None
-    if status == 422:
-        return status, {"delivery_id": [_required("delivery_id")]}, None
-    return status, {"message": message or HTTPStatus(status).phrase}, None
+def retry_after_header(fault: dict[str, Any]) -> dict[str, str]:
+    if fault.get("retry_after") is None:
+        return {}
+    return {"Retry-After": str(math.ceil(float(fault["retry_after"])))}
 
 
 class SandboxServer(ThreadingHTTPServer):
@@ -461,6 +688,13 @@ class SandboxServer(ThreadingHTTPServer):
         self.state = SandboxState(config)
         self.verbose = verbose
         super().__init__(address, Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients that hang up (timeouts, drops) are normal here: no traceback for them."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)) and not self.verbose:
+            return
+        super().handle_error(request, client_address)
 
 
 def make_server(host: str, port: int, config: SandboxConfig, verbose: bool = False) -> SandboxServer:

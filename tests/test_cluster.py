@@ -70,7 +70,9 @@ def test_token_expiry_and_rotation_mid_stream(make_cluster: ClusterFactory,
         wait_for(lambda: all_accepted(cluster.control, ids), timeout=30,
                  what="the batch to be accepted")
         if len(ids) == 40:
-            cluster.control.expire_token()  # an early, unannounced expiry: 401s, one refresh
+            # An early, unannounced expiry: a 401 and one refresh, unless the worker's
+            # own refresh-ahead got there first (test_401_... covers the 401 path).
+            cluster.control.expire_token()
         time.sleep(0.5)  # the stream's pace, not synchronisation
     elapsed = time.monotonic() - started
 
@@ -79,8 +81,6 @@ def test_token_expiry_and_rotation_mid_stream(make_cluster: ClusterFactory,
     assert stats["token_calls"] == 1
     needed = elapsed / 2.0 + 2  # one rotation per lifetime, plus the forced expiry
     assert 1 <= stats["refresh_calls"] <= needed + 2, stats
-    unauthorized = [line for line in cluster.lines() if line.get("http_status") == 401]
-    assert unauthorized, "the forced expiry should have met a 401"
     mismatches = [r for r in cluster.control.requests(path="/api/oauth/token/refresh")
                   if r["status"] != 200]
     assert mismatches == []
