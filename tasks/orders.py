@@ -14,11 +14,15 @@ from __future__ import annotations
 import inspect
 import random
 import time
+import uuid
 from typing import Any
 
 import redis
 from celery import Task
 from celery.exceptions import Reject, Retry
+from kombu.exceptions import OperationalError
+
+from config import load_producer_settings
 
 from worker import delivery
 from worker.attempt_log import AttemptLine
@@ -32,8 +36,9 @@ from worker.errors import (
     classify,
 )
 from worker.orders import ORDER_FIELDS, Action, OrderRequest, parse_order_request
+from worker.inflight import InflightRegistry
 from worker.retry import decide_retry
-from worker.runtime import Runtime, get_runtime
+from worker.runtime import Runtime, get_runtime, producer_redis
 
 # Carried in the message beside the order's own arguments.
 ENQUEUED_AT = "enqueued_at"  # when the POS enqueued it: the deadline counts from here
@@ -55,7 +60,21 @@ class OrderTask(Task):
         request = parse_order_request(self.action, arguments)
         message_kwargs: dict[str, Any] = {**request.body(), ENQUEUED_AT: time.time()}
         message_kwargs.update({k: v for k, v in private.items() if v is not None})
+        options["task_id"] = options.get("task_id") or str(uuid.uuid4())
+        self._register(options, message_kwargs)
         return super().apply_async(args=(), kwargs=message_kwargs, **options)
+
+    def _register(self, options: dict[str, Any], message_kwargs: dict[str, Any]) -> None:
+        """Note the task in the in-flight registry before it is published (worker/inflight.py)."""
+        connection = options.get("connection")
+        url = connection.as_uri(include_password=True) if connection else self.app.conf.broker_url
+        countdown = options.get("countdown")
+        try:
+            registry = InflightRegistry(producer_redis(url), load_producer_settings().key_prefix)
+            registry.register(options["task_id"], self.name, message_kwargs,
+                              countdown=float(countdown) if countdown else None)
+        except redis.RedisError as exc:
+            raise OperationalError(f"cannot reach Redis to enqueue {self.name}: {exc}") from exc
 
 
 def _named_arguments(action: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +161,12 @@ class _Attempt:
     # -- the story --------------------------------------------------------
 
     def run(self) -> None:
+        self.rt.inflight.heartbeat(self.task_id)
+        self._run()
+        # Reached an end (accepted, denied, skipped or failed): a retry or hop raises instead.
+        self.rt.inflight.forget(self.task_id)
+
+    def _run(self) -> None:
         if self.not_before is not None and self.now < self.not_before:
             self._hop(self.not_before - self.now)
         try:

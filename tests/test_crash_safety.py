@@ -179,3 +179,49 @@ def test_a_pickled_message_is_refused_and_never_executed(make_cluster: ClusterFa
              timeout=15, what="the worker to refuse the pickled message")
     assert cluster.control.requests(order_external_id=order_id) == []
     assert cluster.attempt_lines(order_id) == []
+
+
+def test_a_message_the_broker_lost_is_rescued(make_cluster: ClusterFactory) -> None:
+    """What a worker killed between kombu's BRPOP and its unacked write leaves behind:
+    a registered task with no message anywhere."""
+    from worker.inflight import InflightRegistry
+
+    cluster = make_cluster(**CRASH_ENV)
+    order_id = new_order_id()
+    kwargs = {"delivery_id": "5", "store_id": "3", "order_external_id": order_id,
+              "enqueued_at": time.time()}
+    registry = InflightRegistry(cluster.redis.client, "mipos:")
+    registry.register("lost-task-1", "mipos.accept_order", kwargs, countdown=-60)
+
+    [line] = cluster.wait_final(order_id, timeout=30)
+    assert line["outcome"] == "accepted" and line["task_id"] == "lost-task-1"
+    [rescue] = [entry for entry in cluster.lines() if entry.get("event") == "order_rescued"]
+    assert rescue["order_external_id"] == order_id and rescue["silent_for_s"] >= 60
+    assert len(accepts_at_sandbox(cluster, order_id)) == 1
+    wait_for(lambda: registry.count() == 0, timeout=10, what="the registry to be empty")
+
+
+def test_the_sweeper_rescues_only_what_is_neither_queued_nor_reserved(
+        redis_server: RedisServer, tasks: ModuleType) -> None:
+    from worker.celery_app import app
+    from worker.inflight import InflightRegistry
+    from worker.rescue import LostMessageSweeper
+
+    redis_server.client.flushall()
+    registry = InflightRegistry(redis_server.client, "mipos:")
+    sweeper = LostMessageSweeper(app, registry, redis_server.client, "mipos",
+                                 silent_after_s=30, interval_s=1, lock_key="mipos:rescue:lock")
+    order_id = new_order_id()
+    enqueue(tasks, order_id)
+    [(task_id, entry, _)] = registry.stale(-10)
+    registry.register(task_id, entry["task"], entry["kwargs"], countdown=-60)  # silent, but queued
+
+    assert sweeper.sweep_once() == 0
+    assert redis_server.client.llen("mipos") == 1
+
+    redis_server.client.delete("mipos", "mipos:rescue:lock")  # the broker loses it
+    registry.register(task_id, entry["task"], entry["kwargs"], countdown=-60)
+    assert sweeper.sweep_once() == 1
+    [message] = redis_server.client.lrange("mipos", 0, -1)
+    assert task_id.encode() in message and order_id.encode() in message
+    redis_server.client.flushall()

@@ -14,6 +14,8 @@ from celery import Celery, signals
 from config import SettingsError, load_producer_settings, load_worker_settings
 from worker import delivery
 from worker.logging import bind_task_context, clear_task_context, configure_logging
+from worker.rescue import LostMessageSweeper
+from worker.runtime import get_runtime
 
 QUEUE = "mipos"
 
@@ -100,3 +102,30 @@ def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
 @signals.task_postrun.connect
 def _clear_task(**_: Any) -> None:
     clear_task_context()
+
+
+_sweeper: LostMessageSweeper | None = None
+
+
+@signals.worker_ready.connect
+def _start_rescue(**_: Any) -> None:
+    """Re-publish order tasks the broker lost (worker/rescue.py); one thread per worker."""
+    global _sweeper
+    runtime = get_runtime()
+    settings = runtime.settings
+    _sweeper = LostMessageSweeper(
+        app=app,
+        registry=runtime.inflight,
+        redis_client=runtime.redis,
+        queue=QUEUE,
+        silent_after_s=delivery.rescue_after_s(settings),
+        interval_s=max(1.0, delivery.restore_interval_s(settings)),
+        lock_key=f"{settings.redis.key_prefix}rescue:lock",
+    )
+    _sweeper.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_rescue(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

@@ -51,3 +51,9 @@ def order_lock_ttl_s(settings: WorkerSettings) -> float:
     """Covers one attempt, but never outlives the visibility timeout: the lock of
     a killed worker must be gone by the time its message is handed out again."""
     return min(attempt_bound_s(settings) + 10.0, visibility_timeout_s(settings))
+
+
+def rescue_after_s(settings: WorkerSettings) -> float:
+    """Silence after which an unfinished task counts as lost by the broker."""
+    return (visibility_timeout_s(settings) + countdown_hop_s(settings)
+            + 2 * restore_interval_s(settings) + 5.0)

@@ -11,9 +11,12 @@ import threading
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from config import WorkerSettings, load_producer_settings, load_worker_settings
 from worker.deadletters import DeadLetters
+from worker.inflight import InflightRegistry
 from worker.ledger import OrderLedger
 from worker.mipos import MiposClient
 from worker.redaction import register_secret
@@ -22,12 +25,13 @@ from worker.tokens import TokenStore
 REDIS_SOCKET_TIMEOUT_S = 5.0
 
 
-def redis_from_url(url: str) -> redis.Redis:
+def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries: int = 3) -> redis.Redis:
     return redis.Redis.from_url(
         url,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), retries),
     )
 
 
@@ -39,6 +43,7 @@ class Runtime:
     tokens: TokenStore
     ledger: OrderLedger
     dead_letters: DeadLetters
+    inflight: InflightRegistry
 
 
 _lock = threading.Lock()
@@ -63,11 +68,21 @@ def get_runtime() -> Runtime:
                 tokens=TokenStore(client, r, prefix),
                 ledger=OrderLedger(r, prefix),
                 dead_letters=DeadLetters(r, prefix),
+                inflight=InflightRegistry(r, prefix),
             )
             _runtime_pid = os.getpid()
         return _runtime
 
 
-def producer_redis() -> redis.Redis:
-    """A Redis client for the POS side, which has no mipos settings."""
-    return redis_from_url(load_producer_settings().url)
+_producer: tuple[int, str, redis.Redis] | None = None
+
+
+def producer_redis(url: str | None = None) -> redis.Redis:
+    """A Redis client for the POS side (which has no mipos settings), one per process."""
+    global _producer
+    url = url or load_producer_settings().url
+    with _lock:
+        if _producer is None or _producer[0] != os.getpid() or _producer[1] != url:
+            # Bounded like the broker's producer options: delay() must fail fast.
+            _producer = (os.getpid(), url, redis_from_url(url, timeout_s=2.0, retries=1))
+        return _producer[2]
