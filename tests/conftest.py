@@ -126,19 +126,28 @@ def harvest_tokens(sandbox: Sandbox) -> None:
 ClusterFactory = Callable[..., Cluster]
 
 
-@pytest.fixture
-def make_cluster(redis_server: RedisServer, sandbox: Sandbox, logdir: Path) -> Iterator[ClusterFactory]:
-    """Start workers from a clean slate: empty Redis, sandbox reset (cold tokens)."""
-    clusters: list[Cluster] = []
+class ClusterStarter:
+    """Starts workers from a clean slate (empty Redis, sandbox reset: cold tokens); stops them all."""
 
-    def start(processes: int = 1, **env: str) -> Cluster:
-        harvest_tokens(sandbox)
-        redis_server.client.flushall()
-        sandbox.control.reset()
-        cluster = Cluster(redis_server, sandbox, logdir, processes, env)
-        clusters.append(cluster)
+    def __init__(self, redis_server: RedisServer, sandbox: Sandbox, logdir: Path) -> None:
+        self.redis_server, self.sandbox, self.logdir = redis_server, sandbox, logdir
+        self.started: list[Cluster] = []
+
+    def __call__(self, processes: int = 1, **env: str) -> Cluster:
+        harvest_tokens(self.sandbox)
+        self.redis_server.client.flushall()
+        self.sandbox.control.reset()
+        cluster = Cluster(self.redis_server, self.sandbox, self.logdir, processes, env)
+        self.started.append(cluster)
         return cluster
 
-    yield start
-    for cluster in clusters:
-        cluster.stop()
+    def stop_all(self) -> None:
+        for cluster in self.started:
+            cluster.stop()
+
+
+@pytest.fixture
+def make_cluster(redis_server: RedisServer, sandbox: Sandbox, logdir: Path) -> Iterator[ClusterFactory]:
+    starter = ClusterStarter(redis_server, sandbox, logdir)
+    yield starter
+    starter.stop_all()

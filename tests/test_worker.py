@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, ClusterFactory, new_order_id
+from tests.conftest import Cluster, ClusterStarter, new_order_id
 from tests.harness import RedisServer, wait_for
 from worker.deadletters import DeadLetter, DeadLetters
 
@@ -28,21 +28,9 @@ def cluster(make_cluster_module: Any) -> Cluster:
 
 @pytest.fixture(scope="module")
 def make_cluster_module(redis_server: RedisServer, sandbox: Any, logdir: Any) -> Iterator[Any]:
-    from tests.conftest import harvest_tokens
-
-    started: list[Cluster] = []
-
-    def start(processes: int = 1, **env: str) -> Cluster:
-        harvest_tokens(sandbox)
-        redis_server.client.flushall()
-        sandbox.control.reset()
-        c = Cluster(redis_server, sandbox, logdir, processes, env)
-        started.append(c)
-        return c
-
-    yield start
-    for c in started:
-        c.stop()
+    starter = ClusterStarter(redis_server, sandbox, logdir)
+    yield starter
+    starter.stop_all()
 
 
 @pytest.fixture(scope="module")

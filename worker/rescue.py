@@ -56,7 +56,9 @@ class LostMessageSweeper:
 
     def _task_ids_in_broker(self) -> set[str]:
         keys = [self.queue] + [f"{self.queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
-        ids: set[str] = set()
+        # Unacked, queue, unacked again: a message moving from the queue to the
+        # unacked set while we read is seen in one of them.
+        ids = _ids_in(self.redis.hvals(UNACKED_KEY), unwrap=True)
         for key in keys:
             ids |= _ids_in(self.redis.lrange(key, 0, -1), unwrap=False)
         ids |= _ids_in(self.redis.hvals(UNACKED_KEY), unwrap=True)
