@@ -217,7 +217,7 @@ class _Attempt:
                 self.line.emit(
                     attempt=attempt, outcome=self.action.done_outcome,
                     http_status=answer.http_status, elapsed_ms=answer.elapsed_ms,
-                    **unknown_fields, **({"possible_duplicate": True} if previous_unknown else {}),
+                    **unknown_fields, **self._duplicate_warning(),
                 )
                 return
             if verdict.error_class is ErrorClass.AUTH and sent and rejected_token is None:
@@ -339,6 +339,11 @@ class _Attempt:
 
     def _counted_attempts(self) -> int:
         return sum(1 for record in self.history if record.get("counted"))
+
+    def _duplicate_warning(self) -> dict[str, Any]:
+        """On success: an earlier attempt may have been applied too (read timeout, worker lost)."""
+        unknown = [r["attempt"] for r in self.history if r.get("outcome_unknown")]
+        return {"possible_duplicate": True, "unknown_attempts": unknown} if unknown else {}
 
     def _previous_outcome_unknown(self) -> bool:
         return bool(self.history) and bool(self.history[-1].get("outcome_unknown"))
