@@ -63,18 +63,36 @@ def stop_process(proc: subprocess.Popen[Any], *, group: bool = True, timeout: fl
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False) -> None:
+    """A redis-server of our own; with ``tls_dir`` (ca.crt, redis.crt, redis.key) it
+    listens with TLS only, and with ``password`` it requires one."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *, appendonly: bool = False,
+                 tls_dir: Path | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        args = ["redis-server", "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir),
+                "--maxmemory-policy", "noeviction"]
+        if tls_dir is not None:
+            args += ["--port", "0", "--tls-port", str(self.port),
+                     "--tls-cert-file", str(tls_dir / "redis.crt"),
+                     "--tls-key-file", str(tls_dir / "redis.key"),
+                     "--tls-ca-cert-file", str(tls_dir / "ca.crt"), "--tls-auth-clients", "no"]
+        else:
+            args += ["--port", str(self.port)]
+        if password:
+            args += ["--requirepass", password]
         self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-             "--save", "", "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir),
-             "--maxmemory-policy", "noeviction"],
-            stdout=open(workdir / "redis.log", "wb"), stderr=subprocess.STDOUT,
+            args, stdout=open(workdir / "redis.log", "wb"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{password}@" if password else ""
+        if tls_dir is not None:
+            self.url = (f"rediss://{auth}127.0.0.1:{self.port}/0"
+                        f"?ssl_cert_reqs=required&ssl_ca_certs={tls_dir / 'ca.crt'}")
+        else:
+            self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.client = redis.Redis.from_url(self.url, socket_timeout=5)
         self.start()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 
 import redis
@@ -56,7 +57,7 @@ def get_runtime() -> Runtime:
     with _lock:
         if _runtime is None or _runtime_pid != os.getpid():
             settings = load_worker_settings()
-            for secret in settings.mipos.secrets():
+            for secret in (*settings.mipos.secrets(), urlsplit(settings.redis.url).password):
                 register_secret(secret, permanent=True)
             client = MiposClient(settings.mipos)
             r = redis_from_url(settings.redis.url)
