@@ -132,6 +132,7 @@ class Chaos:
         from tasks import accept_order
 
         for n, order_id in enumerate(ids, start=1):
+            self.sandbox.control.deliver(STORE_ID, n, order_id)  # the webhook side: now pending
             if order_id in permanent:
                 self.sandbox.control.add_faults(order_id, PERMANENT_FAULT)
             while True:  # what a POS does when Redis is briefly away (or use tasks.outbox)

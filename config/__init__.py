@@ -1,19 +1,23 @@
 from config.settings import (
     MiposSettings,
+    ReconcileSettings,
     RedisSettings,
     RetrySettings,
     SettingsError,
     WorkerSettings,
     load_producer_settings,
+    load_reconcile_settings,
     load_worker_settings,
 )
 
 __all__ = [
     "MiposSettings",
+    "ReconcileSettings",
     "RedisSettings",
     "RetrySettings",
     "SettingsError",
     "WorkerSettings",
     "load_producer_settings",
+    "load_reconcile_settings",
     "load_worker_settings",
 ]

@@ -63,6 +63,13 @@ class MiposSettings:
 
 
 @dataclass(frozen=True)
+class ReconcileSettings:
+    stores: tuple[str, ...]  # empty: no sweep
+    interval_s: float
+    grace_s: float
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     redis: RedisSettings
     mipos: MiposSettings
@@ -70,6 +77,8 @@ class WorkerSettings:
     log_level: str
     log_format: str
     visibility_timeout_s: float | None  # None: derived from the timeouts (worker.delivery)
+    reconcile: ReconcileSettings
+    confirm_with_pending_list: bool  # after an unknown outcome, ask the pending list first
 
 
 class _Reader:
@@ -125,6 +134,15 @@ class _Reader:
             return default
         return value
 
+    def boolean(self, name: str, default: str) -> bool:
+        text = (self.raw(name, default) or default).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        self.problems.append(f"{name}={text!r} must be true or false")
+        return default == "true"
+
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
         text = self.raw(name, default) or default
         parts = urlsplit(text)
@@ -152,6 +170,23 @@ def _read_redis(reader: _Reader) -> RedisSettings:
         url=reader.url("REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss")),
         key_prefix=reader.raw("MIPOS_REDIS_PREFIX", "mipos:") or "mipos:",
     )
+
+
+def _read_reconcile(reader: _Reader) -> ReconcileSettings:
+    raw = reader.raw("MIPOS_RECONCILE_STORES", "") or ""
+    return ReconcileSettings(
+        stores=tuple(dict.fromkeys(s.strip() for s in raw.split(",") if s.strip())),
+        interval_s=reader.positive_float("MIPOS_RECONCILE_INTERVAL_S", "60"),
+        grace_s=reader.positive_float("MIPOS_RECONCILE_GRACE_S", "120"),
+    )
+
+
+def load_reconcile_settings(env: Mapping[str, str] | None = None) -> ReconcileSettings:
+    """What beat needs to schedule the sweep (it has no mipos credentials of its own)."""
+    reader = _Reader(os.environ if env is None else env)
+    settings = _read_reconcile(reader)
+    reader.check()
+    return settings
 
 
 def load_producer_settings(env: Mapping[str, str] | None = None) -> RedisSettings:
@@ -194,6 +229,8 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
             reader.positive_float("MIPOS_VISIBILITY_TIMEOUT_S", "1")
             if reader.raw("MIPOS_VISIBILITY_TIMEOUT_S", None) is not None else None
         ),
+        reconcile=_read_reconcile(reader),
+        confirm_with_pending_list=reader.boolean("MIPOS_CONFIRM_WITH_PENDING_LIST", "true"),
     )
     reader.check()
     return settings

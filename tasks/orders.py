@@ -37,13 +37,15 @@ from worker.errors import (
 )
 from worker.orders import ORDER_FIELDS, Action, OrderRequest, parse_order_request
 from worker.inflight import InflightRegistry
+from worker.reconcile import fetch_pending
 from worker.retry import decide_retry
 from worker.runtime import Runtime, get_runtime, producer_redis
 
 # Carried in the message beside the order's own arguments.
 ENQUEUED_AT = "enqueued_at"  # when the POS enqueued it: the deadline counts from here
 NOT_BEFORE = "not_before"  # a wait longer than one countdown hop ends here
-PRIVATE_KEYS = (ENQUEUED_AT, NOT_BEFORE)
+RESEND = "reconcile_resend"  # reconciliation: mipos still lists an order we recorded as done
+PRIVATE_KEYS = (ENQUEUED_AT, NOT_BEFORE, RESEND)
 
 LOCK_BUSY_RETRY_S = (0.2, 1.0)  # another worker is sending this order right now
 UNEXPECTED_ERROR_RETRY_S = 5.0
@@ -140,9 +142,13 @@ class _Attempt:
         self.kwargs = dict(kwargs)
         self.enqueued_at = _as_time(self.kwargs.pop(ENQUEUED_AT, None))
         self.not_before = _as_time(self.kwargs.pop(NOT_BEFORE, None))
+        self.resend = self.kwargs.pop(RESEND, None) is True
+        if self.resend:
+            self.kwargs[RESEND] = True  # kept for retries of the resend
         self.arguments = self.kwargs
         try:
-            self.arguments = _named_arguments(action, args, self.kwargs)
+            self.arguments = _named_arguments(
+                action, args, {k: v for k, v in self.kwargs.items() if k != RESEND})
         except InvalidOrder:
             self.arguments = {**self.kwargs, "args": list(args)}
         if self.enqueued_at is None:
@@ -156,6 +162,7 @@ class _Attempt:
             task_id=self.task_id,
             order_fields={f: _loggable(self.arguments.get(f)) for f in ORDER_FIELDS},
             max_attempts=self.settings.retry.max_attempts,
+            extra={RESEND: True} if self.resend else {},
         )
 
     # -- the story --------------------------------------------------------
@@ -190,6 +197,8 @@ class _Attempt:
         done = self.rt.ledger.done(request.order)
         if done is None:
             return False
+        if done.action == self.action.value and self.resend:
+            return False  # mipos says it never got it: send again, on purpose
         if done.action == self.action.value:
             self.line.emit(attempt=self._next_attempt(), outcome="skipped",
                            done_by_task=done.task_id)
@@ -205,6 +214,8 @@ class _Attempt:
 
     def _send(self, request: OrderRequest) -> None:
         previous_unknown = self._previous_outcome_unknown()
+        if previous_unknown and self.settings.confirm_with_pending_list and self._confirmed(request):
+            return
         rejected_token: str | None = None
         counted = True
         while True:
@@ -212,7 +223,7 @@ class _Attempt:
             sent, answer, verdict = self._one_request(request, attempt, rejected_token)
             unknown_fields = {"previous_outcome": "unknown"} if previous_unknown else {}
             if verdict.ok:
-                self.rt.ledger.record_done(request.order, self.action, self.task_id)
+                self.rt.ledger.record_done(request.order, self.action, self.task_id, request.message)
                 self._record(attempt, self.action.done_outcome, answer, verdict, counted)
                 self.line.emit(
                     attempt=attempt, outcome=self.action.done_outcome,
@@ -236,6 +247,29 @@ class _Attempt:
             return
 
     _token_in_use: str = ""
+
+    def _confirmed(self, request: OrderRequest) -> bool:
+        """After an attempt with an unknown outcome, ask mipos's pending list first.
+
+        Gone from the list means mipos got the earlier accept (or deny): record it
+        and send nothing. Listed, or the list cannot be read: send as usual.
+        """
+        attempt = self._next_attempt()
+        try:
+            pending, answer = fetch_pending(self.rt, request.order.store_id)
+        except MiposError:
+            return False
+        if any(item.external_id == request.order.order_external_id for item in pending):
+            return False
+        outcome = self.action.done_outcome
+        verdict = Verdict(None)
+        self.rt.ledger.record_done(request.order, self.action, self.task_id, request.message)
+        self._record(attempt, outcome, answer, verdict, counted=False)
+        self.line.emit(
+            attempt=attempt, outcome=outcome, http_status=answer.http_status,
+            elapsed_ms=answer.elapsed_ms, confirmed_by="pending_list", previous_outcome="unknown",
+        )
+        return True
 
     def _one_request(self, request: OrderRequest, attempt: int,
                      rejected_token: str | None) -> tuple[bool, Answer, Verdict]:

@@ -205,3 +205,21 @@ def test_delay_raises_fast_when_redis_does_not_answer() -> None:
 
 def test_pos_side_needs_no_mipos_credentials(redis_server: RedisServer) -> None:
     assert run_producer(redis_server.url) == "enqueued"
+
+
+def test_read_timeout_whose_acceptance_arrived_is_confirmed_without_a_second_send(
+        make_cluster: ClusterFactory, tasks: ModuleType) -> None:
+    # The retry (1-2 s after the timeout) comes after the sandbox applied the slow accept (1.6 s).
+    cluster = make_cluster(MIPOS_RETRY_BASE_DELAY_S="2", MIPOS_RETRY_MAX_DELAY_S="2")
+    order_id = new_order_id()
+    cluster.control.deliver("3", 41, order_id)
+    cluster.control.add_faults(order_id, {"delay_s": 1.6})  # applied after the client gave up at 1 s
+    tasks.accept_order.delay(delivery_id=41, store_id="3", order_external_id=order_id)
+    lines = cluster.wait_final(order_id)
+
+    assert [line["outcome"] for line in lines] == ["retrying", "accepted"]
+    assert lines[0]["outcome_unknown"] is True
+    assert lines[1]["confirmed_by"] == "pending_list" and lines[1]["previous_outcome"] == "unknown"
+    sent = [r for r in cluster.control.requests(order_external_id=order_id) if r["path"] == ACCEPT_PATH]
+    assert len(sent) == 1
+    assert cluster.control.orders()["orders"][f"3/{order_id}"]["accepted"] == 1

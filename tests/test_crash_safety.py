@@ -41,6 +41,7 @@ def test_sigkill_mid_attempt_is_finished_by_the_next_worker(make_cluster: Cluste
                                                             tasks: ModuleType) -> None:
     cluster = make_cluster(**CRASH_ENV)
     order_id = new_order_id()
+    cluster.control.deliver("3", 5, order_id)  # pending at mipos, so the resend is not skipped
     cluster.control.add_faults(order_id, {"delay_s": 3, "apply": False})  # hangs, then drops
     enqueue(tasks, order_id)
     wait_for(lambda: cluster.control.requests(order_external_id=order_id), timeout=10,

@@ -155,17 +155,20 @@ def test_transient_then_success(cluster: Cluster, tasks: ModuleType, fault: dict
     assert len(mipos_requests(cluster, args["order_external_id"])) == 2
 
 
-def test_read_timeout_then_success_says_the_outcome_was_unknown(cluster: Cluster,
-                                                                 tasks: ModuleType) -> None:
+def test_read_timeout_still_pending_is_sent_again_and_says_so(cluster: Cluster,
+                                                               tasks: ModuleType) -> None:
     args = order_args()
-    cluster.control.add_faults(args["order_external_id"], {"delay_s": 1.6})  # client timeout: 1 s
+    order_id = args["order_external_id"]
+    cluster.control.deliver("3", 41, order_id)  # mipos lists it as pending
+    cluster.control.add_faults(order_id, {"delay_s": 1.6, "apply": False})  # client timeout: 1 s
     tasks.accept_order.delay(**args)
-    lines = cluster.wait_final(args["order_external_id"])
+    lines = cluster.wait_final(order_id)
 
     assert [line["outcome"] for line in lines] == ["retrying", "accepted"]
     assert "ReadTimeout" in lines[0]["error"] and lines[0]["http_status"] is None
     assert lines[0]["outcome_unknown"] is True
     assert lines[1]["previous_outcome"] == "unknown" and lines[1]["possible_duplicate"] is True
+    assert "confirmed_by" not in lines[1]
 
 
 def test_429_waits_for_retry_after(cluster: Cluster, tasks: ModuleType) -> None:

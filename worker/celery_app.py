@@ -11,7 +11,12 @@ from typing import Any
 
 from celery import Celery, signals
 
-from config import SettingsError, load_producer_settings, load_worker_settings
+from config import (
+    SettingsError,
+    load_producer_settings,
+    load_reconcile_settings,
+    load_worker_settings,
+)
 from worker import delivery
 from worker.logging import bind_task_context, clear_task_context, configure_logging
 from worker.rescue import LostMessageSweeper
@@ -32,7 +37,7 @@ PRODUCER_TRANSPORT_OPTIONS: dict[str, Any] = {
     "interval_max": 0.5,
 }
 
-app = Celery("mipos", include=["tasks.orders"])
+app = Celery("mipos", include=["tasks.orders", "tasks.reconcile"])
 app.conf.update(
     broker_url=_redis.url,
     broker_connection_timeout=2,
@@ -68,6 +73,20 @@ app.conf.update(
     task_send_sent_event=True,
     enable_utc=True,
 )
+
+
+try:
+    _reconcile = load_reconcile_settings()
+except SettingsError:
+    _reconcile = None  # the worker reports it; beat schedules nothing
+if _reconcile is not None and _reconcile.stores:
+    app.conf.beat_schedule = {
+        "reconcile": {
+            "task": "mipos.reconcile",
+            "schedule": _reconcile.interval_s,
+            "options": {"expires": _reconcile.interval_s},  # a late sweep is replaced by the next
+        },
+    }
 
 
 @signals.celeryd_init.connect

@@ -59,5 +59,13 @@ class InflightRegistry:
             result.append((task_id, json.loads(raw), float(seen)))
         return result
 
+    def order_keys(self) -> set[str]:
+        """``store/order`` of every unfinished task (for reconciliation)."""
+        keys = set()
+        for raw in self.redis.hvals(self.entries_key):
+            kwargs = json.loads(raw).get("kwargs", {})
+            keys.add(f"{kwargs.get('store_id')}/{kwargs.get('order_external_id')}")
+        return keys
+
     def count(self) -> int:
         return int(self.redis.hlen(self.entries_key))

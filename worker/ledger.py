@@ -36,6 +36,7 @@ class LedgerEntry:
     task_id: str
     at: float
     delivery_id: str
+    message: str | None = None  # a deny's reason, for a reconciliation resend
 
 
 class OrderLedger:
@@ -50,8 +51,9 @@ class OrderLedger:
         raw = self.redis.get(self._done_key(order))
         return LedgerEntry(**json.loads(raw)) if raw else None
 
-    def record_done(self, order: Order, action: Action, task_id: str) -> None:
-        entry = LedgerEntry(action.value, task_id, time.time(), order.delivery_id)
+    def record_done(self, order: Order, action: Action, task_id: str,
+                    message: str | None = None) -> None:
+        entry = LedgerEntry(action.value, task_id, time.time(), order.delivery_id, message)
         self.redis.set(self._done_key(order), json.dumps(asdict(entry)), ex=LEDGER_TTL_S)
 
     @contextmanager

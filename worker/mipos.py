@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -31,6 +32,7 @@ ORDER_PATHS = {
     Action.ACCEPT: "/api/v1/integration/order/accept",
     Action.DENY: "/api/v1/integration/order/deny",
 }
+PENDING_PATH = "/api/v1/orders"
 TOKEN_MISMATCH = "Token Mismatch."
 ABSOLUTE_EXPIRY_THRESHOLD = 10**9  # `expires_in` above this is a Unix time, below it seconds
 
@@ -96,6 +98,18 @@ class MiposClient:
     def send(self, request: OrderRequest, token: str) -> Answer:
         """POST an accept or deny; the answer is classified by the caller."""
         return self._post(ORDER_PATHS[request.action], request.body(), token)
+
+    def pending_orders(self, store_id: str, token: str) -> Answer:
+        """GET the orders mipos still lists as pending for the store (last 10 minutes)."""
+        started = time.perf_counter()
+        try:
+            response = self.session.get(
+                f"{self.settings.base_url}{PENDING_PATH}/{quote(store_id, safe='')}",
+                headers={"Authorization": f"Bearer {token}"}, timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            return Answer.from_exception(exc, _ms_since(started))
+        return Answer.from_response(response, _ms_since(started))
 
     def request_token(self) -> TokenGrant:
         s = self.settings

@@ -1,0 +1,126 @@
+"""Reconciliation: compare what mipos still lists as pending with what we know.
+
+mipos lists, for 10 minutes, every order of a store that the POS has neither
+accepted nor denied. That catches what a job queue cannot see: an order the POS
+never enqueued, an acceptance mipos says it never got, and the true outcome of
+an attempt whose answer was lost to a read timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from worker.errors import Answer, ErrorClass, PermanentError, TransientError, classify
+from worker.orders import Action, Order
+from worker.runtime import Runtime
+
+logger = structlog.stdlib.get_logger("mipos.reconcile")
+
+UNACKNOWLEDGED_COUNTER = "metrics:order_unacknowledged"
+
+
+@dataclass(frozen=True)
+class PendingOrder:
+    external_id: str
+    store_id: str
+    delivery_id: str
+    created_at: float | None
+    order_number: str | None
+    total: Any
+
+    @classmethod
+    def from_json(cls, item: dict[str, Any], store_id: str) -> PendingOrder:
+        return cls(
+            external_id=str(item.get("external_id", "")),
+            store_id=str(item.get("store_id") or store_id),
+            delivery_id=str(item.get("delivery_id", "")),
+            created_at=_parse_time(item.get("created_at")),
+            order_number=item.get("order_number"),
+            total=item.get("total"),
+        )
+
+
+def _parse_time(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def fetch_pending(rt: Runtime, store_id: str) -> tuple[list[PendingOrder], Answer]:
+    """The store's pending orders; a refused token is replaced once. Raises MiposError."""
+    token = rt.tokens.current()
+    answer = rt.client.pending_orders(store_id, token)
+    if classify(answer).error_class is ErrorClass.AUTH and answer.http_status is not None:
+        answer = rt.client.pending_orders(store_id, rt.tokens.replace_rejected(token))
+    body = answer.body
+    if answer.http_status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+        return [PendingOrder.from_json(i, store_id) for i in body["data"] if isinstance(i, dict)], answer
+    verdict = classify(answer)
+    message = f"pending list of store {store_id}: {verdict.error or 'undocumented answer'}"
+    if verdict.error_class is ErrorClass.PERMANENT:
+        raise PermanentError(message, http_status=answer.http_status)
+    raise TransientError(message, http_status=answer.http_status)
+
+
+@dataclass
+class SweepReport:
+    stores: int = 0
+    pending: int = 0
+    resent: int = 0
+    in_flight: int = 0
+    unacknowledged: int = 0
+    store_errors: dict[str, str] = field(default_factory=dict)
+
+
+def sweep(rt: Runtime, resend: Any) -> SweepReport:
+    """One pass over the configured stores. ``resend(action, order, message)`` enqueues a resend."""
+    settings = rt.settings.reconcile
+    report = SweepReport()
+    in_flight = rt.inflight.order_keys()
+    now = time.time()
+    for store_id in settings.stores:
+        report.stores += 1
+        try:
+            pending, _ = fetch_pending(rt, store_id)
+        except Exception as exc:  # one store's trouble must not stop the others
+            report.store_errors[store_id] = f"{type(exc).__name__}: {exc}"
+            logger.warning("reconcile_store_failed", store_id=store_id,
+                           error=report.store_errors[store_id])
+            continue
+        for item in pending:
+            report.pending += 1
+            order = Order(item.delivery_id, item.store_id, item.external_id)
+            done = rt.ledger.done(order)
+            age_s = round(now - item.created_at, 1) if item.created_at else None
+            if done is not None:
+                if now - done.at >= settings.grace_s:
+                    resend(Action(done.action), order, done.message)
+                    report.resent += 1
+                    logger.warning(
+                        "reconcile_resend", **order.fields(), action=done.action,
+                        recorded_at=done.at, done_by_task=done.task_id,
+                        reason=f"we recorded it {Action(done.action).done_outcome}, "
+                               "mipos still lists it as pending",
+                    )
+            elif order.key in in_flight:
+                report.in_flight += 1
+            elif age_s is None or age_s >= settings.grace_s:
+                report.unacknowledged += 1
+                rt.redis.incr(f"{rt.settings.redis.key_prefix}{UNACKNOWLEDGED_COUNTER}")
+                logger.error(
+                    "order_unacknowledged", **order.fields(), order_number=item.order_number,
+                    total=item.total, age_s=age_s,
+                    reason="mipos lists it as pending and it was never enqueued: "
+                           "only the POS knows whether it stored it",
+                )
+    return report
