@@ -4,7 +4,7 @@
   its append-only file under ``.run/redis`` (started here, stopped on exit).
 - mipos: the real API when ``MIPOS_CLIENT_ID`` is set; else the sandbox on
   127.0.0.1:8765, and a few demo orders, some of which meet transient faults.
-- the worker and Flower, each from its Procfile line.
+- the worker, beat (the reconciliation sweep) and Flower, each from its Procfile line.
 
 Ctrl-C stops everything this script started (by PID).
 """
@@ -145,9 +145,14 @@ def enqueue_demo(sandbox_url: str) -> list[str]:
     from tasks import accept_order, deny_order
 
     control = SandboxControl(sandbox_url)
+    forgotten = str(uuid.uuid4())
+    control.deliver("3", 99, forgotten, order_number="A-99", total=18.5, created_at=time.time() - 180)
+    log(f"delivered order A-99 ({forgotten}) to the POS three minutes ago, and the POS never "
+        "enqueued it: the reconciliation sweep will report it (order_unacknowledged)")
     ids = []
     for number, (action, label, faults) in enumerate(DEMO_ORDERS, start=1):
         order_id = str(uuid.uuid4())
+        control.deliver("3", number, order_id, order_number=f"A-{number}")  # the webhook side
         if faults:
             control.add_faults(order_id, *faults)
         if action == "accept":
@@ -172,6 +177,13 @@ def demo_finished(redis_url: str, ids: list[str]) -> bool:
     return len(done) == len(ids)
 
 
+def reconciled(redis_url: str) -> bool:
+    import redis
+
+    prefix = os.environ.get("MIPOS_REDIS_PREFIX", "mipos:")
+    return bool(redis.Redis.from_url(redis_url).get(f"{prefix}metrics:order_unacknowledged"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exit-after-demo", action="store_true",
@@ -183,6 +195,7 @@ def main() -> int:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("LOG_FORMAT", "console")
     env.setdefault("WORKER_CONCURRENCY", "4")
+    env.setdefault("BEAT_SCHEDULE_FILE", str(RUN_DIR / "celerybeat-schedule"))
     stack = Stack()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -191,9 +204,14 @@ def main() -> int:
         sandbox_url = None
         if not env.get("MIPOS_CLIENT_ID"):
             sandbox_url = start_sandbox(stack, env)
+            # Reconcile the demo store often, so its sweep shows up within seconds.
+            env.setdefault("MIPOS_RECONCILE_STORES", "3")
+            env.setdefault("MIPOS_RECONCILE_INTERVAL_S", "10")
         os.environ["REDIS_URL"] = env["REDIS_URL"]
 
         worker = stack.start("worker", ["bash", "-c", f"exec {procfile_command('worker')}"], env)
+        stack.start("beat", ["bash", "-c", f"exec {procfile_command('beat')}"], env,
+                    stdout=open(RUN_DIR / "beat.log", "ab"), stderr=subprocess.STDOUT)
         flower_env = dict(env, PORT=str(FLOWER_PORT), FLOWER_ADDRESS="127.0.0.1")
         if not flower_env.get("FLOWER_BASIC_AUTH"):
             flower_env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(9)}"
@@ -207,6 +225,7 @@ def main() -> int:
             ids = enqueue_demo(sandbox_url)
             if options.exit_after_demo:
                 wait_until(lambda: demo_finished(env["REDIS_URL"], ids), 90, "the demo orders")
+                wait_until(lambda: reconciled(env["REDIS_URL"]), 60, "a reconciliation sweep")
                 log("demo finished: every order accepted, denied or dead-lettered")
                 return 0
         log("running; press Ctrl-C to stop")

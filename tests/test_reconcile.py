@@ -40,7 +40,7 @@ def events(cluster: Cluster, name: str, **match: Any) -> list[dict[str, Any]]:
 
 def test_delivered_but_never_enqueued_is_reported_each_sweep_and_never_acted_on(
         make_cluster: ClusterFactory, tasks: ModuleType) -> None:
-    cluster = make_cluster(**RECONCILE_ENV)
+    cluster = make_cluster(**{**RECONCILE_ENV, "MIPOS_RECONCILE_GRACE_S": "60"})
     order_id = new_order_id()
     cluster.control.deliver(STORE, 77, order_id, order_number="A-77", total=31.5,
                             created_at=time.time() - 300)
@@ -121,3 +121,18 @@ def test_two_beat_processes_never_run_two_sweeps_at_once(make_cluster: ClusterFa
         assert start >= end, f"two sweeps overlapped: {sweeps}"
     assert all(b.returncode is not None for b in beats)
     assert "beat: Starting" in (tmp_path / "beat-0.log").read_text()  # the Procfile's beat: line
+
+
+def test_a_dead_lettered_order_mipos_still_lists_is_reported_as_such(
+        make_cluster: ClusterFactory, tasks: ModuleType) -> None:
+    cluster = make_cluster(**RECONCILE_ENV)
+    order_id = new_order_id()
+    cluster.control.deliver(STORE, 31, order_id, created_at=time.time() - 300)
+    cluster.control.add_faults(order_id, {"status": 409, "message": "Order not found.", "times": -1})
+    tasks.accept_order.delay(delivery_id=31, store_id=STORE, order_external_id=order_id)
+    cluster.wait_final(order_id)
+    sweep_now()
+    wait_for(lambda: events(cluster, "reconcile_finished"), timeout=20, what="a sweep")
+    [report] = events(cluster, "order_pending_after_failure", order_external_id=order_id)
+    assert report["fail_reason"] == "permanent" and report["error"] == "Order not found."
+    assert events(cluster, "order_unacknowledged", order_external_id=order_id) == []

@@ -31,6 +31,7 @@ class DeadLetters:
         self.redis = redis_client
         self.index_key = f"{key_prefix}dead"
         self.item_prefix = f"{key_prefix}dead:"
+        self.by_order_prefix = f"{key_prefix}dead-order:"
 
     def add(
         self,
@@ -57,8 +58,14 @@ class DeadLetters:
         pipe = self.redis.pipeline()
         pipe.set(self.item_prefix + letter.id, json.dumps(asdict(letter)), ex=DEAD_LETTER_TTL_S)
         pipe.zadd(self.index_key, {letter.id: letter.failed_at})
+        order_key = f"{order.get('store_id')}/{order.get('order_external_id')}"
+        pipe.set(self.by_order_prefix + order_key, letter.id, ex=DEAD_LETTER_TTL_S)
         pipe.execute()
         return letter
+
+    def latest_for(self, store_id: str, order_external_id: str) -> DeadLetter | None:
+        letter_id = self.redis.get(f"{self.by_order_prefix}{store_id}/{order_external_id}")
+        return self.get(letter_id.decode()) if letter_id else None
 
     def get(self, letter_id: str) -> DeadLetter | None:
         raw = self.redis.get(self.item_prefix + letter_id)

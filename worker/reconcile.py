@@ -78,6 +78,7 @@ class SweepReport:
     pending: int = 0
     resent: int = 0
     in_flight: int = 0
+    dead_lettered: int = 0
     unacknowledged: int = 0
     store_errors: dict[str, str] = field(default_factory=dict)
 
@@ -114,6 +115,14 @@ def sweep(rt: Runtime, resend: Any) -> SweepReport:
                     )
             elif order.key in in_flight:
                 report.in_flight += 1
+            elif (letter := rt.dead_letters.latest_for(order.store_id, order.order_external_id)):
+                report.dead_lettered += 1
+                logger.error(
+                    "order_pending_after_failure", **order.fields(), order_number=item.order_number,
+                    age_s=age_s, dead_letter_id=letter.id, fail_reason=letter.reason,
+                    error=letter.error, action=letter.action,
+                    reason="mipos still waits for an answer we gave up on: fix the cause and replay it",
+                )
             elif age_s is None or age_s >= settings.grace_s:
                 report.unacknowledged += 1
                 rt.redis.incr(f"{rt.settings.redis.key_prefix}{UNACKNOWLEDGED_COUNTER}")
