@@ -246,9 +246,9 @@ class Bench:
             raw.append((time.perf_counter() - t0) * 1000)
         return ours, raw
 
-    def queue_latency(self, rate: float, seconds: float, concurrency: int) -> list[float]:
+    def queue_latency(self, rate: float, seconds: float, pool: str, concurrency: int) -> list[float]:
         self.fresh()
-        self.start_workers("prefork", concurrency)
+        self.start_workers(pool, concurrency)
         self.enqueue(1)
         self.wait_accepted(1, timeout=30)
         returned: dict[str, float] = {}
@@ -265,11 +265,11 @@ class Bench:
         self.stop_workers()
         return [(received[o] - returned[o]) * 1000 for o in returned if o in received]
 
-    def token_economy(self, cold_orders: int, ttl_s: float, stream_s: float,
+    def token_economy(self, cold_orders: int, ttl_s: float, stream_s: float, pool: str,
                       concurrency: int) -> tuple[int, int, int, int]:
         """(cold-start calls, 1; calls during the expiring run, rotations needed)."""
         self.fresh()
-        self.start_workers("prefork", concurrency, processes=2)
+        self.start_workers(pool, concurrency, processes=2)
         self.enqueue(cold_orders)
         self.wait_accepted(cold_orders, timeout=120)
         stats = self.control.stats()
@@ -277,7 +277,7 @@ class Bench:
         self.stop_workers()
 
         self.fresh(token_ttl_s=ttl_s)
-        self.start_workers("prefork", concurrency, processes=2)
+        self.start_workers(pool, concurrency, processes=2)
         started = time.time()
         sent = 0
         while time.time() - started < stream_s:
@@ -307,24 +307,29 @@ def run(options: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     smoke = options.smoke
     orders = 40 if smoke else options.orders
-    concurrency = options.concurrency
+    pool, concurrency = options.pool, options.concurrency
     try:
         for latency in ([0] if smoke else [0, 50, 200]):
-            progress.say(f"throughput at {latency} ms, prefork x{concurrency}, {orders} orders")
-            ours, base, cpu_ms, rss = bench.throughput(latency, "prefork", concurrency, orders)
-            rows.append(Row(f"throughput_{latency}ms", f"acceptances/s, latency {latency} ms",
+            progress.say(f"throughput at {latency} ms, {pool} x{concurrency}, {orders} orders")
+            ours, base, cpu_ms, rss = bench.throughput(latency, pool, concurrency, orders)
+            rows.append(Row(f"throughput_{latency}ms",
+                            f"acceptances/s, latency {latency} ms ({pool} x{concurrency})",
                             "1/s", ours, base))
             if latency == 0:
                 rows.append(Row("cpu_ms_per_acceptance", "worker CPU ms per acceptance (latency 0)",
                                 "ms", cpu_ms, None, higher_is_better=False))
                 rows.append(Row("peak_rss_mb", "peak RSS per worker process", "MB", rss, None,
                                 higher_is_better=False))
-        pools = [("threads", concurrency * 2)] + ([("gevent", 64)] if gevent_available() else [])
-        for pool, pool_concurrency in pools:
-            progress.say(f"throughput at 50 ms, {pool} x{pool_concurrency}")
-            ours, base, _, rss = bench.throughput(0 if smoke else 50, pool, pool_concurrency, orders)
-            rows.append(Row(f"pool_{pool}_{pool_concurrency}", f"{pool} x{pool_concurrency}: acceptances/s "
-                            f"(latency {0 if smoke else 50} ms; RSS {rss} MB)", "1/s", ours, base))
+        others = [("prefork", 8), ("threads", 16)] + ([("gevent", 64)] if gevent_available() else [])
+        for other, other_concurrency in others:
+            if (other, other_concurrency) == (pool, concurrency):
+                continue
+            progress.say(f"throughput at 50 ms, {other} x{other_concurrency}")
+            ours, base, _, rss = bench.throughput(0 if smoke else 50, other, other_concurrency, orders)
+            rows.append(Row(f"pool_{other}_{other_concurrency}",
+                            f"{other} x{other_concurrency}: acceptances/s "
+                            f"(latency {0 if smoke else 50} ms; peak RSS per process {rss} MB)",
+                            "1/s", ours, base))
         if not gevent_available():
             rows.append(Row("pool_gevent", "gevent: not installed (pip install gevent)", "1/s", None, None))
 
@@ -338,7 +343,7 @@ def run(options: argparse.Namespace) -> list[Row]:
 
         rate, seconds = (20.0, 1.0) if smoke else (100.0, 20.0)
         progress.say(f"queue latency at {rate:.0f} orders/s for {seconds:.0f} s")
-        latencies = bench.queue_latency(rate, seconds, concurrency)
+        latencies = bench.queue_latency(rate, seconds, pool, concurrency)
         rows.append(Row("queue_latency_p50_ms", f"delay() → sandbox, p50 at {rate:.0f}/s", "ms",
                         round(percentile(latencies, 50), 2), None, False))
         rows.append(Row("queue_latency_p99_ms", f"delay() → sandbox, p99 at {rate:.0f}/s", "ms",
@@ -347,7 +352,7 @@ def run(options: argparse.Namespace) -> list[Row]:
 
         cold_n, ttl, stream = (50, 1.0, 3.0) if smoke else (500, 5.0, 20.0)
         progress.say(f"token economy: {cold_n} orders cold, then tokens expiring every {ttl:.0f} s")
-        cold, cold_min, during, needed = bench.token_economy(cold_n, ttl, stream, concurrency)
+        cold, cold_min, during, needed = bench.token_economy(cold_n, ttl, stream, pool, concurrency)
         rows.append(Row("token_calls_cold_start", f"token+refresh calls, {cold_n} orders cold, 2 processes",
                         "calls", cold, cold_min, False))
         rows.append(Row("token_calls_expiring", f"token+refresh calls, token expiring every {ttl:.0f} s",
@@ -371,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=8, help="prefork processes per worker")
+    parser.add_argument("--pool", default="threads", help="the worker's pool (the Procfile's default)")
+    parser.add_argument("--concurrency", type=int, default=16, help="the pool's size (the Procfile's default)")
     parser.add_argument("--smoke", action="store_true", help="a few dozen orders: checks it runs")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quiet", action="store_true")
