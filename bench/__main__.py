@@ -364,11 +364,12 @@ def run(options: argparse.Namespace) -> list[Row]:
 
 def table(rows: list[Row]) -> str:
     lines = ["| measure | ours | baseline | ratio |", "|---|---|---|---|"]
+    def show(value: float | None, unit: str) -> str:
+        return "–" if value is None else f"{value:g} {unit}"
+
     for row in rows:
-        def show(value: float | None) -> str:
-            return "–" if value is None else f"{value:g} {row.unit}"
         ratio = "–" if row.ratio is None else f"{row.ratio:.2f}"
-        lines.append(f"| {row.label} | {show(row.ours)} | {show(row.baseline)} | {ratio} |")
+        lines.append(f"| {row.label} | {show(row.ours, row.unit)} | {show(row.baseline, row.unit)} | {ratio} |")
     return "\n".join(lines)
 
 

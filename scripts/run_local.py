@@ -53,7 +53,7 @@ class Stack:
         return proc
 
     def stop(self) -> None:
-        for name, proc in reversed(self.processes):
+        for _name, proc in reversed(self.processes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for name, proc in reversed(self.processes):

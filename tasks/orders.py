@@ -221,7 +221,7 @@ class _Attempt:
         while True:
             attempt = self._next_attempt()
             sent, answer, verdict = self._one_request(request, attempt, rejected_token)
-            unknown_fields = {"previous_outcome": "unknown"} if previous_unknown else {}
+            unknown_fields: dict[str, Any] = {"previous_outcome": "unknown"} if previous_unknown else {}
             if verdict.ok:
                 self.rt.ledger.record_done(request.order, self.action, self.task_id, request.message)
                 self._record(attempt, self.action.done_outcome, answer, verdict, counted)

@@ -8,8 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 from tests.harness import ROOT, RedisServer, free_port
 
 SCRIPT = textwrap.dedent("""

@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery, signals
 
 from config import (
+    ReconcileSettings,
     SettingsError,
     load_producer_settings,
     load_reconcile_settings,
@@ -75,6 +76,7 @@ app.conf.update(
 )
 
 
+_reconcile: ReconcileSettings | None
 try:
     _reconcile = load_reconcile_settings()
 except SettingsError:

@@ -64,8 +64,10 @@ class DeadLetters:
         return letter
 
     def latest_for(self, store_id: str, order_external_id: str) -> DeadLetter | None:
-        letter_id = self.redis.get(f"{self.by_order_prefix}{store_id}/{order_external_id}")
-        return self.get(letter_id.decode()) if letter_id else None
+        letter_id: Any = self.redis.get(f"{self.by_order_prefix}{store_id}/{order_external_id}")
+        if not letter_id:
+            return None
+        return self.get(letter_id.decode() if isinstance(letter_id, bytes) else str(letter_id))
 
     def get(self, letter_id: str) -> DeadLetter | None:
         raw = self.redis.get(self.item_prefix + letter_id)
@@ -73,10 +75,10 @@ class DeadLetters:
 
     def list(self, limit: int | None = None) -> list[DeadLetter]:
         """Newest first."""
-        ids = self.redis.zrevrange(self.index_key, 0, -1 if limit is None else limit - 1)
+        ids: list[Any] = list(self.redis.zrevrange(self.index_key, 0, -1 if limit is None else limit - 1))
         letters = []
         for letter_id in ids:
-            letter = self.get(letter_id.decode() if isinstance(letter_id, bytes) else letter_id)
+            letter = self.get(letter_id.decode() if isinstance(letter_id, bytes) else str(letter_id))
             if letter is not None:
                 letters.append(letter)
         return letters

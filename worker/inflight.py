@@ -47,8 +47,8 @@ class InflightRegistry:
     def stale(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, dict[str, Any], float]]:
         """Entries without a sign of life for ``older_than_s``: (task id, entry, last seen)."""
         ceiling = time.time() - older_than_s
-        found = self.redis.zrangebyscore(self.heartbeats_key, "-inf", ceiling,
-                                         start=0, num=limit, withscores=True)
+        found: list[Any] = list(self.redis.zrangebyscore(self.heartbeats_key, "-inf", ceiling,
+                                                         start=0, num=limit, withscores=True))
         result = []
         for raw_id, seen in found:
             task_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id

@@ -29,7 +29,7 @@ PRIORITY_SEPARATOR = "\x06\x16"
 PRIORITY_STEPS = (3, 6, 9)
 
 
-def _ids_in(raw_messages: list[bytes], unwrap: bool) -> set[str]:
+def _ids_in(raw_messages: list[Any], unwrap: bool) -> set[str]:
     ids = set()
     for raw in raw_messages:
         try:
