@@ -63,6 +63,16 @@ class MiposSettings:
 
 
 @dataclass(frozen=True)
+class BreakerConfig:
+    enabled: bool
+    failure_threshold: int
+    failure_ratio: float
+    window_s: float
+    probe_interval_s: float
+    rate_limit_per_s: int  # 0: no limit
+
+
+@dataclass(frozen=True)
 class ReconcileSettings:
     stores: tuple[str, ...]  # empty: no sweep
     interval_s: float
@@ -79,6 +89,7 @@ class WorkerSettings:
     visibility_timeout_s: float | None  # None: derived from the timeouts (worker.delivery)
     reconcile: ReconcileSettings
     confirm_with_pending_list: bool  # after an unknown outcome, ask the pending list first
+    breaker: BreakerConfig
 
 
 class _Reader:
@@ -231,6 +242,14 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
         ),
         reconcile=_read_reconcile(reader),
         confirm_with_pending_list=reader.boolean("MIPOS_CONFIRM_WITH_PENDING_LIST", "true"),
+        breaker=BreakerConfig(
+            enabled=reader.boolean("MIPOS_BREAKER_ENABLED", "true"),
+            failure_threshold=reader.positive_int("MIPOS_BREAKER_FAILURES", "20"),
+            failure_ratio=reader.positive_float("MIPOS_BREAKER_FAILURE_RATIO", "0.5"),
+            window_s=reader.positive_float("MIPOS_BREAKER_WINDOW_S", "10"),
+            probe_interval_s=reader.positive_float("MIPOS_BREAKER_PROBE_INTERVAL_S", "2"),
+            rate_limit_per_s=reader.positive_int("MIPOS_RATE_LIMIT_PER_S", "50"),
+        ),
     )
     reader.check()
     return settings

@@ -45,7 +45,8 @@ from worker.runtime import Runtime, get_runtime, producer_redis
 ENQUEUED_AT = "enqueued_at"  # when the POS enqueued it: the deadline counts from here
 NOT_BEFORE = "not_before"  # a wait longer than one countdown hop ends here
 RESEND = "reconcile_resend"  # reconciliation: mipos still lists an order we recorded as done
-PRIVATE_KEYS = (ENQUEUED_AT, NOT_BEFORE, RESEND)
+HELD = "breaker_held"  # waiting for the circuit breaker to close (worker/breaker.py)
+PRIVATE_KEYS = (ENQUEUED_AT, NOT_BEFORE, RESEND, HELD)
 
 LOCK_BUSY_RETRY_S = (0.2, 1.0)  # another worker is sending this order right now
 UNEXPECTED_ERROR_RETRY_S = 5.0
@@ -143,6 +144,7 @@ class _Attempt:
         self.enqueued_at = _as_time(self.kwargs.pop(ENQUEUED_AT, None))
         self.not_before = _as_time(self.kwargs.pop(NOT_BEFORE, None))
         self.resend = self.kwargs.pop(RESEND, None) is True
+        self.held = self.kwargs.pop(HELD, None) is True
         if self.resend:
             self.kwargs[RESEND] = True  # kept for retries of the resend
         self.arguments = self.kwargs
@@ -172,6 +174,8 @@ class _Attempt:
         self._run()
         # Reached an end (accepted, denied, skipped or failed): a retry or hop raises instead.
         self.rt.inflight.forget(self.task_id)
+        if self.held:
+            self.rt.breaker.unhold(self.task_id)
 
     def _run(self) -> None:
         if self.not_before is not None and self.now < self.not_before:
@@ -191,7 +195,41 @@ class _Attempt:
                 self._fail("deadline", "deadline passed before the attempt could start",
                            ErrorClass.TRANSIENT.value, None, 0.0)
                 return
+            if self._held_by_breaker():
+                return
             self._send(request)
+
+    def _held_by_breaker(self) -> bool:
+        """Wait while mipos is failing for everyone; True when the order ended (deadline)."""
+        breaker = self.rt.breaker
+        decision = breaker.decide()
+        if decision == "hold":
+            wait = self.settings.breaker.probe_interval_s * random.uniform(1.0, 1.5)
+            if time.time() + wait > self.deadline_at:
+                self._fail("deadline", "deadline passed while the circuit breaker held the order "
+                           "(mipos is failing for every worker)", ErrorClass.TRANSIENT.value,
+                           None, 0.0, held_by_breaker=True)
+                return True
+            breaker.hold(self.task_id, self.deadline_at)
+            if not self.held:  # one line when held, not one per wake-up
+                self.line.emit(
+                    attempt=self._next_attempt(), outcome="retrying",
+                    error="circuit breaker open: held without spending an attempt",
+                    error_class=ErrorClass.TRANSIENT.value, retry_in_s=wait, held_by_breaker=True)
+            self._retry_held(wait)
+        if self.held and decision == "send":
+            wait = breaker.release_wait_s(self.task_id)
+            if wait > 0:
+                self._retry_held(wait)  # released oldest deadline first, at the shared rate
+        elif decision == "send" and not breaker.take_slot():
+            self._reschedule(random.uniform(0.05, 0.3))  # the shared rate limit
+        if self.held:
+            breaker.unhold(self.task_id)
+        return False
+
+    def _retry_held(self, wait_s: float) -> None:
+        kwargs = {**self.kwargs, ENQUEUED_AT: self.enqueued_at, HELD: True}
+        raise self.task.retry(args=(), kwargs=kwargs, countdown=wait_s)
 
     def _already_done(self, request: OrderRequest) -> bool:
         done = self.rt.ledger.done(request.order)
@@ -221,6 +259,7 @@ class _Attempt:
         while True:
             attempt = self._next_attempt()
             sent, answer, verdict = self._one_request(request, attempt, rejected_token)
+            self._tell_breaker(sent, verdict)
             unknown_fields: dict[str, Any] = {"previous_outcome": "unknown"} if previous_unknown else {}
             if verdict.ok:
                 self.rt.ledger.record_done(request.order, self.action, self.task_id, request.message)
@@ -247,6 +286,14 @@ class _Attempt:
             return
 
     _token_in_use: str = ""
+
+    def _tell_breaker(self, sent: bool, verdict: Verdict) -> None:
+        """An answer from mipos (even a permanent refusal) says it is up; a transient
+        failure, or a token call that failed, counts toward opening the breaker."""
+        if verdict.ok or verdict.error_class is ErrorClass.PERMANENT:
+            self.rt.breaker.record_success()
+        elif verdict.error_class is ErrorClass.TRANSIENT or not sent:
+            self.rt.breaker.record_failure(verdict.error)
 
     def _confirmed(self, request: OrderRequest) -> bool:
         """After an attempt with an unknown outcome, ask mipos's pending list first.

@@ -17,6 +17,7 @@ from redis.retry import Retry
 
 from config import WorkerSettings, load_producer_settings, load_worker_settings
 from worker.deadletters import DeadLetters
+from worker.breaker import CircuitBreaker
 from worker.inflight import InflightRegistry
 from worker.ledger import OrderLedger
 from worker.mipos import MiposClient
@@ -45,6 +46,7 @@ class Runtime:
     ledger: OrderLedger
     dead_letters: DeadLetters
     inflight: InflightRegistry
+    breaker: CircuitBreaker
 
 
 _lock = threading.Lock()
@@ -70,6 +72,7 @@ def get_runtime() -> Runtime:
                 ledger=OrderLedger(r, prefix),
                 dead_letters=DeadLetters(r, prefix),
                 inflight=InflightRegistry(r, prefix),
+                breaker=CircuitBreaker(r, prefix, settings.breaker),
             )
             _runtime_pid = os.getpid()
         return _runtime
