@@ -80,7 +80,9 @@ def test_rate_limit_is_shared_by_two_processes(make_cluster: ClusterFactory,
 def test_deadline_passing_while_the_breaker_is_open(make_cluster: ClusterFactory,
                                                     tasks: ModuleType,
                                                     redis_server: RedisServer) -> None:
-    cluster = make_cluster(**{**BREAKER_ENV, "MIPOS_RETRY_DEADLINE_S": "3"})
+    # Probes 5 s apart: once the order's own probe fails, its next hold outlasts the deadline.
+    cluster = make_cluster(**{**BREAKER_ENV, "MIPOS_RETRY_DEADLINE_S": "3",
+                              "MIPOS_BREAKER_PROBE_INTERVAL_S": "5"})
     cluster.control.config(fault_rates={"http_500": 1.0})
     order_id = new_order_id()
     tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id=order_id)
