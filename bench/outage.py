@@ -1,6 +1,6 @@
 """An outage of mipos, with the circuit breaker and without it, in one run.
 
-    python -m bench.outage [--orders 500] [--outage-s 120] [--json PATH]
+    python -m bench.outage [--orders 500] [--outage-s 120] [--rate-limit 50] [--json PATH]
 
 For each mode: a fresh Redis state, the sandbox answering every accept with a
 500 or a dropped connection for ``--outage-s`` seconds, ``--orders`` orders
@@ -48,6 +48,7 @@ def run_mode(breaker: bool, options: argparse.Namespace, workdir: Path) -> dict[
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "REDIS_URL": redis.url, "MIPOS_BASE_URL": sandbox.url, **SANDBOX_ENV,
         "MIPOS_TIMEOUT_S": "5", "MIPOS_BREAKER_ENABLED": "true" if breaker else "false",
+        "MIPOS_RATE_LIMIT_PER_S": str(options.rate_limit),
         "LOG_FORMAT": "json", "LOG_LEVEL": "INFO",
     }
     workers = [WorkerProcess(env, workdir / f"worker-{breaker}-{n}.log") for n in range(2)]
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", type=int, default=500)
     parser.add_argument("--outage-s", type=float, default=120.0)
+    parser.add_argument("--rate-limit", type=int, default=50, help="MIPOS_RATE_LIMIT_PER_S for both modes")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quiet", action="store_true")
     options = parser.parse_args(argv)

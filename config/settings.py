@@ -248,7 +248,7 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
             failure_ratio=reader.positive_float("MIPOS_BREAKER_FAILURE_RATIO", "0.5"),
             window_s=reader.positive_float("MIPOS_BREAKER_WINDOW_S", "10"),
             probe_interval_s=reader.positive_float("MIPOS_BREAKER_PROBE_INTERVAL_S", "2"),
-            rate_limit_per_s=reader.positive_int("MIPOS_RATE_LIMIT_PER_S", "50"),
+            rate_limit_per_s=reader.positive_int("MIPOS_RATE_LIMIT_PER_S", "200"),
         ),
     )
     reader.check()
