@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 import structlog
@@ -130,7 +130,8 @@ class CircuitBreaker:
     def release_wait_s(self, task_id: str) -> float:
         """0 when a held order may go now (among the next by deadline, and a slot is free);
         else how long to wait for its turn."""
-        rank = self.redis.zrank(self.waiting_key, task_id)
+        raw_rank: Any = self.redis.zrank(self.waiting_key, task_id)
+        rank = int(raw_rank) if raw_rank is not None else None
         limit = self.settings.rate_limit_per_s or 1000
         if rank is not None and rank >= limit:
             return max(0.2, (rank - limit + 1) / limit)
