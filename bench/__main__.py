@@ -37,14 +37,8 @@ from typing import Any
 
 import requests
 
-from bench.processes import RedisServer, Sandbox, WorkerProcess, wait_for
+from bench.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess, wait_for
 
-SANDBOX_ENV = {
-    "MIPOS_CLIENT_ID": "sandbox-client",
-    "MIPOS_CLIENT_SECRET": "sandbox-client-secret-5e1f",
-    "MIPOS_EMAIL": "pos@sandbox.invalid",
-    "MIPOS_PASSWORD": "sandbox-password-9a7c",
-}
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 STORE_ID = "5"
 

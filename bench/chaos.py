@@ -32,14 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.processes import RedisServer, Sandbox, WorkerProcess, read_json_lines
+from bench.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess, read_json_lines
 
-SANDBOX_ENV = {
-    "MIPOS_CLIENT_ID": "sandbox-client",
-    "MIPOS_CLIENT_SECRET": "sandbox-client-secret-5e1f",
-    "MIPOS_EMAIL": "pos@sandbox.invalid",
-    "MIPOS_PASSWORD": "sandbox-password-9a7c",
-}
 WORKER_ENV = {
     "MIPOS_TIMEOUT_S": "1",
     "MIPOS_RETRY_BASE_DELAY_S": "0.1",

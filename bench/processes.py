@@ -20,7 +20,17 @@ from typing import Any, TypeVar
 
 import redis
 
+from sandbox import SANDBOX_CREDENTIALS
+
 ROOT = Path(__file__).resolve().parent.parent
+
+# The worker's settings for the sandbox's account.
+SANDBOX_ENV = {
+    "MIPOS_CLIENT_ID": SANDBOX_CREDENTIALS["client_id"],
+    "MIPOS_CLIENT_SECRET": SANDBOX_CREDENTIALS["client_secret"],
+    "MIPOS_EMAIL": SANDBOX_CREDENTIALS["email"],
+    "MIPOS_PASSWORD": SANDBOX_CREDENTIALS["password"],
+}
 T = TypeVar("T")
 
 

@@ -9,14 +9,9 @@ from typing import Any
 
 import pytest
 
+from bench.processes import SANDBOX_ENV
 from tests.harness import RedisServer, Sandbox, WorkerProcess, read_json_lines, wait_for
 
-SANDBOX_ENV = {
-    "MIPOS_CLIENT_ID": "sandbox-client",
-    "MIPOS_CLIENT_SECRET": "sandbox-client-secret-5e1f",
-    "MIPOS_EMAIL": "pos@sandbox.invalid",
-    "MIPOS_PASSWORD": "sandbox-password-9a7c",
-}
 # Fast, but the same shape as production: base 0.05 s doubling up to 0.4 s.
 FAST_RETRY_ENV = {
     "MIPOS_TIMEOUT_S": "1",
