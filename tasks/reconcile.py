@@ -9,16 +9,13 @@ from dataclasses import asdict
 import structlog
 
 from worker.celery_app import app
+from worker.locks import release_lock
 from worker.orders import Action, Order
 from worker.reconcile import sweep
 from worker.runtime import get_runtime
 
 logger = structlog.stdlib.get_logger("mipos.reconcile")
 
-_RELEASE_LOCK = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 
 def _resend(action: Action, order: Order, message: str | None) -> None:
@@ -51,4 +48,4 @@ def reconcile() -> None:
         logger.info("reconcile_finished", started_at=started, finished_at=time.time(),
                     **asdict(report))
     finally:
-        rt.redis.eval(_RELEASE_LOCK, 1, lock_key, lock_id)
+        release_lock(rt.redis, lock_key, lock_id)

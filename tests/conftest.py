@@ -5,6 +5,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -43,6 +44,16 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     server = Sandbox(tmp_path_factory.mktemp("sandbox"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def tasks(redis_server: RedisServer) -> ModuleType:
+    """The POS side, in this test process, pointed at the test Redis."""
+    import tasks as pos_tasks
+    from worker.celery_app import app
+
+    app.conf.broker_url = redis_server.url
+    return pos_tasks
 
 
 def new_order_id() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-import pytest
 
 from tests.conftest import Cluster, ClusterFactory, new_order_id
 from tests.harness import RedisServer, wait_for
@@ -17,15 +16,6 @@ BREAKER_ENV = {
     "MIPOS_BREAKER_PROBE_INTERVAL_S": "0.5",
     "MIPOS_RETRY_MAX_ATTEMPTS": "100",
 }
-
-
-@pytest.fixture
-def tasks(redis_server: RedisServer) -> ModuleType:
-    import tasks as pos_tasks
-    from worker.celery_app import app
-
-    app.conf.broker_url = redis_server.url
-    return pos_tasks
 
 
 def events(cluster: Cluster, name: str) -> list[dict[str, Any]]:

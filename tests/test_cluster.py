@@ -11,22 +11,12 @@ import time
 from types import ModuleType
 from typing import Any
 
-import pytest
 
 from tests.conftest import SANDBOX_ENV, ClusterFactory, new_order_id
 from tests.harness import ROOT, RedisServer, free_port, procfile_command, read_json_lines, wait_for
 from worker.deadletters import DeadLetters
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
-
-
-@pytest.fixture
-def tasks(redis_server: RedisServer) -> ModuleType:
-    import tasks as pos_tasks
-    from worker.celery_app import app
-
-    app.conf.broker_url = redis_server.url
-    return pos_tasks
 
 
 def enqueue_many(tasks: ModuleType, count: int, store_id: str = "3") -> list[str]:

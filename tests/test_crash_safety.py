@@ -8,7 +8,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
 from kombu import Connection, Exchange, Producer
 
 from tests.conftest import Cluster, ClusterFactory, new_order_id
@@ -17,15 +16,6 @@ from tests.harness import RedisServer, Sandbox, wait_for
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 # A short visibility timeout so a killed worker's messages come back within seconds.
 CRASH_ENV = {"MIPOS_VISIBILITY_TIMEOUT_S": "4", "MIPOS_TIMEOUT_S": "5"}
-
-
-@pytest.fixture
-def tasks(redis_server: RedisServer) -> ModuleType:
-    import tasks as pos_tasks
-    from worker.celery_app import app
-
-    app.conf.broker_url = redis_server.url
-    return pos_tasks
 
 
 def accepts_at_sandbox(cluster: Cluster, order_id: str) -> list[dict[str, Any]]:

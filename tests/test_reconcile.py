@@ -8,23 +8,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
 
 from tests.conftest import Cluster, ClusterFactory, new_order_id
-from tests.harness import ROOT, RedisServer, procfile_command, stop_process, wait_for
+from tests.harness import ROOT, procfile_command, stop_process, wait_for
 
 STORE = "9"
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 RECONCILE_ENV = {"MIPOS_RECONCILE_STORES": STORE, "MIPOS_RECONCILE_GRACE_S": "1"}
-
-
-@pytest.fixture
-def tasks(redis_server: RedisServer) -> ModuleType:
-    import tasks as pos_tasks
-    from worker.celery_app import app
-
-    app.conf.broker_url = redis_server.url
-    return pos_tasks
 
 
 def sweep_now() -> None:

@@ -19,12 +19,9 @@ from typing import Any
 
 import redis
 
+from worker.locks import release_lock
 from worker.orders import Action, Order
 
-_RELEASE_LOCK = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 LEDGER_TTL_S = 7 * 24 * 3600  # far past mipos's 10-minute window; bounds Redis memory
 HISTORY_TTL_S = 7 * 24 * 3600
@@ -66,7 +63,7 @@ class OrderLedger:
             yield acquired
         finally:
             if acquired:
-                self.redis.eval(_RELEASE_LOCK, 1, key, lock_id)
+                release_lock(self.redis, key, lock_id)
 
     def _history_key(self, task_id: str) -> str:
         return f"{self.prefix}attempts:{task_id}"

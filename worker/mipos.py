@@ -84,16 +84,22 @@ class MiposClient:
     def timeout(self) -> tuple[float, float]:
         return (self.settings.timeout_s, self.settings.timeout_s)
 
-    def _post(self, path: str, body: dict[str, str], token: str | None = None) -> Answer:
+    def _call(self, method: str, path: str, token: str | None = None,
+              body: dict[str, str] | None = None) -> Answer:
+        """One HTTP call, timed; an exception becomes an answer without a status."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         started = time.perf_counter()
         try:
-            response = self.session.post(
-                self.settings.base_url + path, json=body, headers=headers, timeout=self.timeout
+            response = self.session.request(
+                method, self.settings.base_url + path, json=body, headers=headers,
+                timeout=self.timeout,
             )
         except requests.RequestException as exc:
             return Answer.from_exception(exc, _ms_since(started))
         return Answer.from_response(response, _ms_since(started))
+
+    def _post(self, path: str, body: dict[str, str], token: str | None = None) -> Answer:
+        return self._call("POST", path, token, body)
 
     def send(self, request: OrderRequest, token: str) -> Answer:
         """POST an accept or deny; the answer is classified by the caller."""
@@ -101,15 +107,7 @@ class MiposClient:
 
     def pending_orders(self, store_id: str, token: str) -> Answer:
         """GET the orders mipos still lists as pending for the store (last 10 minutes)."""
-        started = time.perf_counter()
-        try:
-            response = self.session.get(
-                f"{self.settings.base_url}{PENDING_PATH}/{quote(store_id, safe='')}",
-                headers={"Authorization": f"Bearer {token}"}, timeout=self.timeout,
-            )
-        except requests.RequestException as exc:
-            return Answer.from_exception(exc, _ms_since(started))
-        return Answer.from_response(response, _ms_since(started))
+        return self._call("GET", f"{PENDING_PATH}/{quote(store_id, safe='')}", token)
 
     def request_token(self) -> TokenGrant:
         s = self.settings

@@ -17,13 +17,10 @@ from dataclasses import asdict, dataclass
 import redis
 
 from worker.errors import AuthError, TransientError
+from worker.locks import release_lock
 from worker.mipos import MiposClient, TokenGrant
 from worker.redaction import register_secret
 
-_RELEASE_LOCK = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,7 @@ class TokenStore:
                         return replacement  # someone renewed it while we queued
                     return self._write(self._fetch(self._read()))
                 finally:
-                    self.redis.eval(_RELEASE_LOCK, 1, self.lock_key, lock_id)
+                    release_lock(self.redis, self.lock_key, lock_id)
             replacement = self._usable_replacement(stale, force)
             if replacement is not None:
                 return replacement
