@@ -180,8 +180,11 @@ def demo_finished(redis_url: str, ids: list[str]) -> bool:
 def reconciled(redis_url: str) -> bool:
     import redis
 
+    from worker.metrics import Metrics
+
     prefix = os.environ.get("MIPOS_REDIS_PREFIX", "mipos:")
-    return bool(redis.Redis.from_url(redis_url).get(f"{prefix}metrics:order_unacknowledged"))
+    values = Metrics(redis.Redis.from_url(redis_url), prefix).read()
+    return any(key.startswith("mipos_orders_unacknowledged_total") for key in values)
 
 
 def main() -> int:

@@ -23,20 +23,21 @@ from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
 from config import load_producer_settings
-
 from worker import delivery
 from worker.attempt_log import AttemptLine
 from worker.celery_app import app
+from worker.deadletters import DeadLetter
 from worker.errors import (
     Answer,
     ErrorClass,
     InvalidOrder,
     MiposError,
+    OrderFailed,
     Verdict,
     classify,
 )
-from worker.orders import ORDER_FIELDS, Action, OrderRequest, parse_order_request
 from worker.inflight import InflightRegistry
+from worker.orders import ORDER_FIELDS, Action, Order, OrderRequest, parse_order_request
 from worker.reconcile import fetch_pending
 from worker.retry import decide_retry
 from worker.runtime import Runtime, get_runtime, producer_redis
@@ -46,7 +47,9 @@ ENQUEUED_AT = "enqueued_at"  # when the POS enqueued it: the deadline counts fro
 NOT_BEFORE = "not_before"  # a wait longer than one countdown hop ends here
 RESEND = "reconcile_resend"  # reconciliation: mipos still lists an order we recorded as done
 HELD = "breaker_held"  # waiting for the circuit breaker to close (worker/breaker.py)
-PRIVATE_KEYS = (ENQUEUED_AT, NOT_BEFORE, RESEND, HELD)
+REPLAY_OF = "replay_of"  # an operator replayed this dead letter (tasks/replay.py)
+PRIVATE_KEYS = (ENQUEUED_AT, NOT_BEFORE, RESEND, HELD, REPLAY_OF)
+STICKY_KEYS = (RESEND, REPLAY_OF)  # kept in the message across retries
 
 LOCK_BUSY_RETRY_S = (0.2, 1.0)  # another worker is sending this order right now
 UNEXPECTED_ERROR_RETRY_S = 5.0
@@ -64,6 +67,7 @@ class OrderTask(Task):
         message_kwargs: dict[str, Any] = {**request.body(), ENQUEUED_AT: time.time()}
         message_kwargs.update({k: v for k, v in private.items() if v is not None})
         options["task_id"] = options.get("task_id") or str(uuid.uuid4())
+        options["kwargsrepr"] = repr(request.body())  # what Flower shows: the order, not our stamps
         self._register(options, message_kwargs)
         return super().apply_async(args=(), kwargs=message_kwargs, **options)
 
@@ -91,13 +95,15 @@ def _named_arguments(action: Action, args: tuple[Any, ...], kwargs: dict[str, An
     return kwargs
 
 
-@app.task(bind=True, base=OrderTask, name="mipos.accept_order", action=Action.ACCEPT)
+@app.task(bind=True, base=OrderTask, name="mipos.accept_order", action=Action.ACCEPT,
+          throws=(OrderFailed,))
 def accept_order(self: OrderTask, *args: Any, **kwargs: Any) -> None:
     """Tell mipos the POS stored the order: ``delivery_id``, ``store_id``, ``order_external_id``."""
     run_attempt(self, Action.ACCEPT, args, kwargs)
 
 
-@app.task(bind=True, base=OrderTask, name="mipos.deny_order", action=Action.DENY)
+@app.task(bind=True, base=OrderTask, name="mipos.deny_order", action=Action.DENY,
+          throws=(OrderFailed,))
 def deny_order(self: OrderTask, *args: Any, **kwargs: Any) -> None:
     """Tell mipos the POS could not store the order; ``message`` says why."""
     run_attempt(self, Action.DENY, args, kwargs)
@@ -141,21 +147,23 @@ class _Attempt:
         self.task_id: str = task.request.id or "unknown"
         self.now = time.time()
         self.kwargs = dict(kwargs)
-        self.enqueued_at = _as_time(self.kwargs.pop(ENQUEUED_AT, None))
+        # Sent by name without our stamp: the deadline counts from the first attempt.
+        self.enqueued_at: float = _as_time(self.kwargs.pop(ENQUEUED_AT, None)) or self.now
         self.not_before = _as_time(self.kwargs.pop(NOT_BEFORE, None))
         self.resend = self.kwargs.pop(RESEND, None) is True
         self.held = self.kwargs.pop(HELD, None) is True
+        replay_of = self.kwargs.get(REPLAY_OF)
+        self.replay_of = replay_of if isinstance(replay_of, str) else None
         if self.resend:
             self.kwargs[RESEND] = True  # kept for retries of the resend
-        self.arguments = self.kwargs
+        sticky = {k: self.kwargs[k] for k in STICKY_KEYS if k in self.kwargs}
+        self.order: Order | None = None
+        self.dead_letter: DeadLetter | None = None
         try:
             self.arguments = _named_arguments(
-                action, args, {k: v for k, v in self.kwargs.items() if k != RESEND})
+                action, args, {k: v for k, v in self.kwargs.items() if k not in STICKY_KEYS})
         except InvalidOrder:
             self.arguments = {**self.kwargs, "args": list(args)}
-        if self.enqueued_at is None:
-            # Sent by name without our stamp: the deadline counts from the first attempt.
-            self.enqueued_at = self.now
         self.deadline_at = self.enqueued_at + self.settings.retry.deadline_s
         self._note_interrupted_attempt()
         self.history = self.rt.ledger.history(self.task_id)
@@ -164,7 +172,8 @@ class _Attempt:
             task_id=self.task_id,
             order_fields={f: _loggable(self.arguments.get(f)) for f in ORDER_FIELDS},
             max_attempts=self.settings.retry.max_attempts,
-            extra={RESEND: True} if self.resend else {},
+            extra=sticky,
+            on_emit=self._count,
         )
 
     # -- the story --------------------------------------------------------
@@ -176,6 +185,8 @@ class _Attempt:
         self.rt.inflight.forget(self.task_id)
         if self.held:
             self.rt.breaker.unhold(self.task_id)
+        if self.dead_letter is not None:
+            raise OrderFailed(self.dead_letter.id, self.dead_letter.reason, self.dead_letter.error)
 
     def _run(self) -> None:
         if self.not_before is not None and self.now < self.not_before:
@@ -185,7 +196,7 @@ class _Attempt:
         except InvalidOrder as exc:
             self._fail("invalid", f"invalid arguments: {exc}", ErrorClass.PERMANENT.value, None, 0.0)
             return
-        order = request.order
+        order = self.order = request.order
         with self.rt.ledger.order_lock(order, delivery.order_lock_ttl_s(self.settings)) as mine:
             if not mine:
                 self._reschedule(random.uniform(*LOCK_BUSY_RETRY_S))
@@ -372,9 +383,9 @@ class _Attempt:
                 "attempt": attempt, "at": time.time(), "outcome": "failed",
                 "http_status": None, "error": error, "error_class": error_class,
                 "elapsed_ms": elapsed_ms, "counted": False,
-            })
+            }, self.order)
         self.rt.ledger.clear_sending(self.task_id)
-        letter = self.rt.dead_letters.add(
+        letter = self.dead_letter = self.rt.dead_letters.add(
             action=self.action.value,
             order={k: _loggable(v) for k, v in self.arguments.items()},
             reason=reason,
@@ -382,6 +393,7 @@ class _Attempt:
             task_id=self.task_id,
             enqueued_at=self.enqueued_at,
             attempts=self.rt.ledger.history(self.task_id),
+            replay_of=self.replay_of,
         )
         self.line.emit(
             attempt=attempt, outcome="failed",
@@ -443,9 +455,18 @@ class _Attempt:
             "counted": counted,
             "outcome_unknown": answer.outcome_unknown,
         }
-        self.rt.ledger.record_attempt(self.task_id, record)
+        self.rt.ledger.record_attempt(self.task_id, record, self.order)
         self.rt.ledger.clear_sending(self.task_id)
         self.history.append(record)
+
+    def _count(self, outcome: str, error_class: str | None) -> None:
+        """Every attempt line in ``mipos_attempts_total``; a final success in the latency."""
+        done = outcome in ("accepted", "denied")
+        try:
+            self.rt.metrics.attempt(self.action.value, outcome, error_class,
+                                    latency_s=time.time() - self.enqueued_at if done else None)
+        except redis.RedisError:
+            pass  # a counter is not worth redelivering the order for
 
 
 def _as_time(value: Any) -> float | None:

@@ -8,9 +8,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-
 from tests.conftest import Cluster, ClusterFactory, new_order_id
 from tests.harness import ROOT, procfile_command, stop_process, wait_for
+from worker.metrics import Metrics
 
 STORE = "9"
 ACCEPT_PATH = "/api/v1/integration/order/accept"
@@ -49,7 +49,8 @@ def test_delivered_but_never_enqueued_is_reported_each_sweep_and_never_acted_on(
     assert events(cluster, "order_unacknowledged", order_external_id=young) == []
     sent = [r for r in cluster.control.requests(order_external_id=order_id) if "order/" in r["path"]]
     assert sent == []
-    assert int(cluster.redis.client.get("mipos:metrics:order_unacknowledged")) == 2
+    counters = Metrics(cluster.redis.client, "mipos:").read()
+    assert counters["mipos_orders_unacknowledged_total|"] == 2
 
 
 def test_accepted_order_that_mipos_forgot_is_sent_again(make_cluster: ClusterFactory,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ class AttemptLine:
     order_fields: dict[str, Any]
     max_attempts: int
     extra: dict[str, Any] = field(default_factory=dict)
+    on_emit: Callable[[str, str | None], None] | None = None  # (outcome, error_class): metrics
 
     def emit(
         self,
@@ -60,4 +62,6 @@ class AttemptLine:
         if outcome == "failed":
             fields["fail_reason"] = fail_reason
         getattr(logger, _LEVELS[outcome])(f"{self.action.value}_attempt", **fields)
+        if self.on_emit is not None:
+            self.on_emit(outcome, error_class)
         return fields

@@ -19,11 +19,10 @@ from config import (
     load_worker_settings,
 )
 from worker import delivery
+from worker.delivery import QUEUE
 from worker.logging import bind_task_context, clear_task_context, configure_logging
 from worker.rescue import LostMessageSweeper
 from worker.runtime import get_runtime
-
-QUEUE = "mipos"
 
 _redis = load_producer_settings()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from config import WorkerSettings
 
+QUEUE = "mipos"  # the one queue order tasks travel on
+
 # A countdown longer than the visibility timeout gets the message delivered
 # twice (kombu#337). Long waits are therefore cut into hops of at most this
 # many seconds (and at most a quarter of the visibility timeout); each hop is a

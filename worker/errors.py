@@ -55,6 +55,15 @@ class InvalidOrder(ValueError):
         self.field = field
 
 
+class OrderFailed(Exception):
+    """The order was dead-lettered: raised at the end so Celery and Flower show the task failed."""
+
+    def __init__(self, letter_id: str, reason: str, error: str | None) -> None:
+        super().__init__(f"dead-lettered ({reason}): {error} [dead letter {letter_id}]")
+        self.letter_id = letter_id
+        self.reason = reason
+
+
 # 409 answers, by their message. Any 409 message not listed here is transient,
 # and its raw text goes to the log so that it can be added.
 CONFLICT_MESSAGES: dict[str, ErrorClass] = {

@@ -17,12 +17,15 @@ from typing import Any
 
 import redis
 
+from worker.ledger import note_order_task
+
 INFLIGHT_TTL_S = 7 * 24 * 3600
 
 
 class InflightRegistry:
     def __init__(self, redis_client: redis.Redis, key_prefix: str) -> None:
         self.redis = redis_client
+        self.prefix = key_prefix
         self.entries_key = f"{key_prefix}inflight"
         self.heartbeats_key = f"{key_prefix}inflight:heartbeat"
 
@@ -33,7 +36,19 @@ class InflightRegistry:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.entries_key, task_id, entry)
         pipe.zadd(self.heartbeats_key, {task_id: time.time() + (countdown or 0.0)})
+        order_key = f"{kwargs.get('store_id')}/{kwargs.get('order_external_id')}"
+        note_order_task(pipe, self.prefix, order_key, task_id)
         pipe.execute()
+
+    def entry(self, task_id: str) -> tuple[dict[str, Any], float | None] | None:
+        """The registered message of an unfinished task and when it is next due; None if final."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.entries_key, task_id)
+        pipe.zscore(self.heartbeats_key, task_id)
+        raw, due = pipe.execute()
+        if raw is None:
+            return None
+        return json.loads(raw), (float(due) if due is not None else None)
 
     def heartbeat(self, task_id: str) -> None:
         self.redis.zadd(self.heartbeats_key, {task_id: time.time()}, xx=True)

@@ -4,7 +4,8 @@
 - the order lock: one sender per order at a time, across all processes;
 - the attempt history of each task (for the attempt number and dead letters);
 - the "sending" mark: set before a request leaves, cleared after its outcome
-  is recorded, so a redelivered message knows the earlier outcome is unknown.
+  is recorded, so a redelivered message knows the earlier outcome is unknown;
+- the tasks of each order (for ``mipos-worker order``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,19 @@ import redis
 from worker.locks import release_lock
 from worker.orders import Action, Order
 
-
 LEDGER_TTL_S = 7 * 24 * 3600  # far past mipos's 10-minute window; bounds Redis memory
 HISTORY_TTL_S = 7 * 24 * 3600
+
+
+def order_tasks_key(key_prefix: str, order_key: str) -> str:
+    """The tasks ever enqueued or run for one order (``store/order``), by first sight."""
+    return f"{key_prefix}order-tasks:{order_key}"
+
+
+def note_order_task(pipe: Any, key_prefix: str, order_key: str, task_id: str) -> None:
+    key = order_tasks_key(key_prefix, order_key)
+    pipe.zadd(key, {task_id: time.time()}, nx=True)
+    pipe.expire(key, HISTORY_TTL_S)
 
 
 @dataclass(frozen=True)
@@ -71,12 +82,19 @@ class OrderLedger:
     def history(self, task_id: str) -> list[dict[str, Any]]:
         return [json.loads(item) for item in self.redis.lrange(self._history_key(task_id), 0, -1)]
 
-    def record_attempt(self, task_id: str, record: dict[str, Any]) -> None:
+    def record_attempt(self, task_id: str, record: dict[str, Any], order: Order | None = None) -> None:
         key = self._history_key(task_id)
         pipe = self.redis.pipeline()
         pipe.rpush(key, json.dumps(record))
         pipe.expire(key, HISTORY_TTL_S)
+        if order is not None:
+            note_order_task(pipe, self.prefix, order.key, task_id)
         pipe.execute()
+
+    def tasks_for(self, order: Order) -> list[str]:
+        """Oldest first."""
+        ids = self.redis.zrange(order_tasks_key(self.prefix, order.key), 0, -1)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     def _sending_key(self, task_id: str) -> str:
         return f"{self.prefix}sending:{task_id}"

@@ -21,9 +21,6 @@ from worker.runtime import Runtime
 
 logger = structlog.stdlib.get_logger("mipos.reconcile")
 
-UNACKNOWLEDGED_COUNTER = "metrics:order_unacknowledged"
-
-
 @dataclass(frozen=True)
 class PendingOrder:
     external_id: str
@@ -125,7 +122,7 @@ def sweep(rt: Runtime, resend: Any) -> SweepReport:
                 )
             elif age_s is None or age_s >= settings.grace_s:
                 report.unacknowledged += 1
-                rt.redis.incr(f"{rt.settings.redis.key_prefix}{UNACKNOWLEDGED_COUNTER}")
+                rt.metrics.count("mipos_orders_unacknowledged_total")
                 logger.error(
                     "order_unacknowledged", **order.fields(), order_number=item.order_number,
                     total=item.total, age_s=age_s,

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import os
 import threading
-from urllib.parse import urlsplit
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from config import WorkerSettings, load_producer_settings, load_worker_settings
-from worker.deadletters import DeadLetters
 from worker.breaker import CircuitBreaker
+from worker.deadletters import DeadLetters
 from worker.inflight import InflightRegistry
 from worker.ledger import OrderLedger
+from worker.metrics import Metrics
 from worker.mipos import MiposClient
 from worker.redaction import register_secret
 from worker.tokens import TokenStore
@@ -47,6 +48,7 @@ class Runtime:
     dead_letters: DeadLetters
     inflight: InflightRegistry
     breaker: CircuitBreaker
+    metrics: Metrics
 
 
 _lock = threading.Lock()
@@ -64,15 +66,17 @@ def get_runtime() -> Runtime:
             client = MiposClient(settings.mipos)
             r = redis_from_url(settings.redis.url)
             prefix = settings.redis.key_prefix
+            metrics = Metrics(r, prefix)
             _runtime = Runtime(
                 settings=settings,
                 redis=r,
                 client=client,
-                tokens=TokenStore(client, r, prefix),
+                tokens=TokenStore(client, r, prefix, metrics=metrics),
                 ledger=OrderLedger(r, prefix),
-                dead_letters=DeadLetters(r, prefix),
+                dead_letters=DeadLetters(r, prefix, metrics),
                 inflight=InflightRegistry(r, prefix),
                 breaker=CircuitBreaker(r, prefix, settings.breaker),
+                metrics=metrics,
             )
             _runtime_pid = os.getpid()
         return _runtime

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 
 import redis
 
-from worker.errors import AuthError, TransientError
+from worker.errors import AuthError, MiposError, TransientError
 from worker.locks import release_lock
+from worker.metrics import Metrics
 from worker.mipos import MiposClient, TokenGrant
 from worker.redaction import register_secret
-
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class TokenStore:
         *,
         clock: Callable[[], float] = time.time,
         poll_interval_s: float = 0.02,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
         self.redis = redis_client
@@ -54,6 +55,7 @@ class TokenStore:
         self.lock_key = f"{key_prefix}token:lock"
         self.clock = clock
         self.poll_interval_s = poll_interval_s
+        self.metrics = metrics
         # A holder makes at most two calls (refresh, then the token call).
         self.lock_ttl_s = 2 * 2 * client.settings.timeout_s + 5.0
 
@@ -114,20 +116,35 @@ class TokenStore:
     def _fetch(self, stored: StoredToken | None) -> TokenGrant:
         """Call mipos for a usable token; runs only under the lock."""
         if stored is None:
-            grant = self.client.request_token()
+            grant = self._counted("token", self.client.request_token)
             if not _expired(grant, self.clock()):
                 return grant
             # The token call returns the current token even when it has expired.
-            return self.client.refresh_token(grant.token)
+            return self._counted("refresh", self.client.refresh_token, grant.token)
         try:
-            return self.client.refresh_token(stored.token)
+            return self._counted("refresh", self.client.refresh_token, stored.token)
         except AuthError:
             # `Token Mismatch.`: rotated outside our store (another deployment, a
             # person); or mipos forgot the token. The token call says which is current.
-            grant = self.client.request_token()
+            grant = self._counted("token", self.client.request_token)
             if grant.token != stored.token and not _expired(grant, self.clock()):
                 return grant
-            return self.client.refresh_token(grant.token)
+            return self._counted("refresh", self.client.refresh_token, grant.token)
+
+    def _counted(self, kind: str, call: Callable[..., TokenGrant], *args: str) -> TokenGrant:
+        """Make a token or refresh call, counted in ``mipos_token_calls_total``."""
+        result = "ok"
+        try:
+            return call(*args)
+        except MiposError as exc:
+            result = exc.error_class.value
+            raise
+        finally:
+            if self.metrics is not None:
+                try:
+                    self.metrics.count("mipos_token_calls_total", kind=kind, result=result)
+                except redis.RedisError:
+                    pass  # a counter is not worth failing the token call for
 
 
 def _expired(grant: TokenGrant, now: float) -> bool:

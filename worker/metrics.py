@@ -1,0 +1,186 @@
+"""Counters a dashboard wants, kept in Redis so that every worker process adds to one set.
+
+Workers scale as processes on many machines, so a per-process Prometheus
+endpoint would need one scrape target per process. Instead each worker adds
+to one Redis hash (a field per series), and whoever is scraped reads it:
+Flower's ``/metrics`` (``worker/flower.py`` registers the collector) and
+``mipos-worker metrics``. Gauges (queue depth, orders in flight, breaker) are
+read from Redis at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from worker.delivery import QUEUE
+
+# Enqueue to accepted (or denied): mipos cancels an order after about 10 minutes.
+LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mipos_attempts_total": (
+        "Attempt lines written, by action, outcome and error class", ("action", "outcome", "error_class")),
+    "mipos_dead_letters_total": ("Orders dead-lettered, by action and reason", ("action", "reason")),
+    "mipos_token_calls_total": (
+        "Calls to mipos for a token (kind: token or refresh; result: ok or the error class)",
+        ("kind", "result")),
+    "mipos_orders_unacknowledged_total": (
+        "Orders mipos delivered that were never enqueued (reconciliation)", ()),
+    "mipos_replays_total": ("Dead letters replayed by an operator", ("action",)),
+}
+LATENCY = "mipos_order_latency_seconds"
+LATENCY_HELP = "From enqueue to the order accepted or denied at mipos"
+
+
+def _field(name: str, labels: Mapping[str, str]) -> str:
+    return name + "|" + ",".join(f"{k}={labels[k]}" for k in sorted(labels))
+
+
+def _parse_field(raw: str) -> tuple[str, dict[str, str]]:
+    name, _, encoded = raw.partition("|")
+    labels = dict(part.split("=", 1) for part in encoded.split(",") if part)
+    return name, labels
+
+
+class Metrics:
+    """Writes and reads the shared counters (one Redis hash)."""
+
+    def __init__(self, redis_client: redis.Redis, key_prefix: str) -> None:
+        self.redis = redis_client
+        self.prefix = key_prefix
+        self.key = f"{key_prefix}metrics"
+
+    def count(self, name: str, pipe: Any = None, amount: int = 1, **labels: str | None) -> None:
+        """Add to counter ``name``; inside ``pipe`` when given (no round trip of its own)."""
+        if name not in COUNTERS:
+            raise KeyError(f"unknown counter {name}")
+        target = pipe if pipe is not None else self.redis
+        target.hincrby(self.key, _field(name, {k: v or "none" for k, v in labels.items()}), amount)
+
+    def attempt(self, action: str, outcome: str, error_class: str | None,
+                latency_s: float | None = None) -> None:
+        """One attempt line; with ``latency_s`` the order ended accepted or denied."""
+        pipe = self.redis.pipeline(transaction=False)
+        self.count("mipos_attempts_total", pipe, action=action, outcome=outcome,
+                   error_class=error_class)
+        if latency_s is not None:
+            bucket = next((str(b) for b in LATENCY_BUCKETS_S if latency_s <= b), "+Inf")
+            pipe.hincrby(self.key, _field(LATENCY, {"action": action, "le": bucket}), 1)
+            pipe.hincrbyfloat(self.key, _field(LATENCY + "_sum", {"action": action}), latency_s)
+        pipe.execute()
+
+    def read(self) -> dict[str, float]:
+        return {(k.decode() if isinstance(k, bytes) else k): float(v)
+                for k, v in self.redis.hgetall(self.key).items()}
+
+
+class RedisCollector(Collector):
+    """Reads the shared counters and a few gauges from Redis at every scrape."""
+
+    def __init__(self, redis_client: redis.Redis, key_prefix: str, queue: str) -> None:
+        self.metrics = Metrics(redis_client, key_prefix)
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            values = self.metrics.read()
+            gauges = read_gauges(self.metrics.redis, self.metrics.prefix, self.queue)
+        except redis.RedisError:
+            up = GaugeMetricFamily("mipos_redis_up", "1 when the shared Redis answered this scrape")
+            up.add_metric([], 0)
+            yield up
+            return
+        yield from _counter_families(values)
+        yield from _latency_families(values)
+        for name, (help_text, value) in gauges.items():
+            family = GaugeMetricFamily(name, help_text)
+            family.add_metric([], value)
+            yield family
+
+
+def _counter_families(values: dict[str, float]) -> Iterator[Metric]:
+    for name, (help_text, label_names) in COUNTERS.items():
+        family = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=label_names)
+        for raw, value in values.items():
+            series, labels = _parse_field(raw)
+            if series == name:
+                family.add_metric([labels.get(label, "none") for label in label_names], value)
+        yield family
+
+
+def _latency_families(values: dict[str, float]) -> Iterator[Metric]:
+    family = HistogramMetricFamily(LATENCY, LATENCY_HELP, labels=("action",))
+    by_action: dict[str, dict[str, float]] = {}
+    sums: dict[str, float] = {}
+    for raw, value in values.items():
+        series, labels = _parse_field(raw)
+        if series == LATENCY:
+            by_action.setdefault(labels["action"], {})[labels["le"]] = value
+        elif series == LATENCY + "_sum":
+            sums[labels["action"]] = value
+    for action, counts in sorted(by_action.items()):
+        cumulative, buckets = 0.0, []
+        for bound in [*map(str, LATENCY_BUCKETS_S), "+Inf"]:
+            cumulative += counts.get(bound, 0.0)
+            buckets.append((bound, cumulative))
+        family.add_metric([action], buckets, sums.get(action, 0.0))
+    yield family
+
+
+def read_gauges(client: redis.Redis, prefix: str, queue: str) -> dict[str, tuple[str, float]]:
+    pipe = client.pipeline(transaction=False)
+    pipe.llen(queue)
+    pipe.hlen("unacked")
+    pipe.hlen(f"{prefix}inflight")
+    pipe.zcard(f"{prefix}dead")
+    pipe.get(f"{prefix}breaker:state")
+    pipe.zcard(f"{prefix}breaker:waiting")
+    queued, unacked, inflight, dead, breaker, held = pipe.execute()
+    return {
+        "mipos_redis_up": ("1 when the shared Redis answered this scrape", 1.0),
+        "mipos_queue_depth": ("Messages waiting in the queue for a worker", float(queued)),
+        "mipos_unacked_messages": (
+            "Messages taken by a worker and not yet acknowledged (includes scheduled retries)",
+            float(unacked)),
+        "mipos_orders_in_flight": ("Order tasks enqueued and not yet final", float(inflight)),
+        "mipos_dead_letters_stored": ("Dead letters kept (30 days)", float(dead)),
+        "mipos_breaker_open": ("1 while the circuit breaker is open", float(breaker == b"open")),
+        "mipos_orders_held_by_breaker": ("Orders waiting for the breaker to close", float(held)),
+    }
+
+
+def render(client: redis.Redis, prefix: str, queue: str) -> bytes:
+    """The Prometheus text exposition of our metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(client, prefix, queue))
+    return generate_latest(registry)
+
+
+_registered = False
+
+
+def register_prometheus_collector() -> None:
+    """Add our metrics to prometheus_client's default registry (Flower's ``/metrics``)."""
+    global _registered
+    if _registered:
+        return
+    from prometheus_client import REGISTRY
+
+    from config import load_producer_settings
+    from worker.runtime import redis_from_url
+
+    settings = load_producer_settings()
+    REGISTRY.register(RedisCollector(redis_from_url(settings.url, timeout_s=2.0, retries=0),
+                                     settings.key_prefix, queue=QUEUE))
+    _registered = True
