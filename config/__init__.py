@@ -8,6 +8,7 @@ from config.settings import (
     load_producer_settings,
     load_reconcile_settings,
     load_worker_settings,
+    url_without_password,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "load_producer_settings",
     "load_reconcile_settings",
     "load_worker_settings",
+    "url_without_password",
 ]

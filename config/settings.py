@@ -159,7 +159,7 @@ class _Reader:
         parts = urlsplit(text)
         if parts.scheme not in schemes or not parts.hostname:
             self.problems.append(
-                f"{name}={_without_password(text)!r} must be a URL starting with "
+                f"{name}={url_without_password(text)!r} must be a URL starting with "
                 + " or ".join(f"{s}://" for s in schemes)
             )
         return text.rstrip("/") if "http" in schemes else text
@@ -169,7 +169,7 @@ class _Reader:
             raise SettingsError(self.problems)
 
 
-def _without_password(url: str) -> str:
+def url_without_password(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
         return url.replace(f":{parts.password}@", ":***@")

@@ -57,6 +57,11 @@ class SandboxControl:
         self._call("POST", "faults", body={"order_external_id": order_external_id,
                                            "faults": list(faults)})
 
+    def clear_faults(self, order_external_id: str) -> None:
+        """Drop the faults still waiting for an order (the cause is fixed)."""
+        self._call("POST", "faults", body={"order_external_id": order_external_id, "faults": [],
+                                           "replace": True})
+
     def deliver(self, store_id: str, delivery_id: int, external_id: str, *,
                 order_number: str | None = None, total: float | None = None,
                 created_at: float | None = None) -> None:

@@ -386,9 +386,13 @@ class SandboxState:
         with self.lock:
             self.token_expires_at = min(self.token_expires_at, time.time())
 
-    def add_faults(self, order_external_id: str, faults: list[dict[str, Any]]) -> None:
+    def add_faults(self, order_external_id: str, faults: list[dict[str, Any]],
+                   replace: bool = False) -> None:
         with self.lock:
-            self.faults.setdefault(order_external_id, deque()).extend(dict(f) for f in faults)
+            if replace:
+                self.faults.pop(order_external_id, None)
+            if faults:
+                self.faults.setdefault(order_external_id, deque()).extend(dict(f) for f in faults)
 
     def deliver(self, order: dict[str, Any]) -> None:
         with self.lock:
@@ -497,7 +501,7 @@ def control_faults(state: SandboxState, query: Query, body: dict[str, Any]) -> A
         problem = fault_problem(fault)
         if problem:
             return 400, {"error": problem, "fault": fault}
-    state.add_faults(order_id, faults)
+    state.add_faults(order_id, faults, replace=body.get("replace") is True)
     return 200, {"ok": True}
 
 

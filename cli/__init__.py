@@ -1,0 +1,1 @@
+"""``mipos-worker``: the operator's command line (orders, dead letters, doctor, sandbox)."""

@@ -1,0 +1,231 @@
+"""``mipos-worker doctor``: is this deployment able to deliver orders right now?
+
+Each check ends ``ok``, ``warn`` (worth a look, not broken) or ``fail``; any
+``fail`` makes the exit code 1, so the command doubles as a health check.
+Checks that need Redis are skipped, and say so, when Redis cannot be reached.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import redis
+
+from cli.output import seconds
+from config import (
+    RedisSettings,
+    SettingsError,
+    WorkerSettings,
+    load_producer_settings,
+    load_worker_settings,
+    url_without_password,
+)
+from worker.delivery import QUEUE
+from worker.errors import MiposError
+
+Status = Literal["ok", "warn", "fail", "skipped"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass(frozen=True)
+class DoctorOptions:
+    max_wait_s: float = 60.0  # oldest waiting message older than this: fail
+    ping_timeout_s: float = 2.0
+    skip_mipos: bool = False
+
+
+def run_checks(options: DoctorOptions) -> list[Check]:
+    checks: list[Check] = []
+    worker_settings: WorkerSettings | None = None
+    try:
+        worker_settings = load_worker_settings()
+        redis_settings = worker_settings.redis
+        checks.append(Check("settings", "ok", "every worker setting is present and valid"))
+    except SettingsError as exc:
+        checks.append(Check("settings", "fail", "; ".join(exc.problems)))
+        try:
+            redis_settings = load_producer_settings()
+        except SettingsError as redis_exc:
+            checks.append(Check("redis", "skipped", "; ".join(redis_exc.problems)))
+            return checks
+
+    client = _redis_check(redis_settings, checks)
+    if worker_settings is None:
+        checks.append(Check("mipos token", "skipped", "the mipos settings are not valid"))
+    elif options.skip_mipos:
+        checks.append(Check("mipos token", "skipped", "--skip-mipos"))
+    else:
+        checks.append(_mipos_check(worker_settings))
+    if client is None:
+        for name in ("workers", "queue", "oldest waiting", "dead letters", "circuit breaker"):
+            checks.append(Check(name, "skipped", "Redis cannot be reached"))
+        return checks
+    prefix = redis_settings.key_prefix
+    checks.append(_workers_check(redis_settings.url, options.ping_timeout_s))
+    checks.extend(_queue_checks(client, prefix, options.max_wait_s))
+    checks.append(_dead_letters_check(client, prefix))
+    checks.append(_breaker_check(client, prefix))
+    return checks
+
+
+def _redis_check(settings: RedisSettings, checks: list[Check]) -> redis.Redis | None:
+    from worker.runtime import redis_from_url
+
+    where = url_without_password(settings.url)
+    client = redis_from_url(settings.url, timeout_s=3.0, retries=0)
+    try:
+        started = time.monotonic()
+        client.ping()
+        elapsed = time.monotonic() - started
+        info = client.info("server")
+    except redis.AuthenticationError as exc:
+        checks.append(Check("redis", "fail", f"{where} refused the password in REDIS_URL ({exc})"))
+        return None
+    except redis.RedisError as exc:
+        checks.append(Check("redis", "fail", f"cannot reach Redis at {where}: {exc}"))
+        return None
+    checks.append(Check("redis", "ok", f"{where} answered in {seconds(elapsed)} "
+                                       f"(Redis {info.get('redis_version', '?')})"))
+    checks.append(_persistence_check(client))
+    checks.append(_eviction_check(client))
+    return client
+
+
+def _persistence_check(client: redis.Redis) -> Check:
+    info = client.info("persistence")
+    if int(info.get("aof_enabled", 0)):
+        return Check("redis persistence", "ok", "append-only file on: a restart keeps queued orders")
+    try:
+        save = str(client.config_get("save").get("save", "")).strip()
+    except redis.ResponseError:
+        save = "unknown"  # CONFIG is disabled on some managed Redis
+    if save and save != "unknown":
+        return Check("redis persistence", "warn", f"snapshots only (save {save!r}): a restart loses "
+                     "what arrived since the last snapshot; turn on appendonly")
+    return Check("redis persistence", "warn", "no append-only file" + (" and no snapshots" if not save else "")
+                 + ": a Redis restart loses queued orders and retries; turn on appendonly")
+
+
+def _eviction_check(client: redis.Redis) -> Check:
+    try:
+        policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+    except redis.ResponseError:
+        return Check("redis eviction", "warn", "CONFIG is disabled: cannot tell maxmemory-policy; "
+                     "it must be noeviction")
+    if policy == "noeviction":
+        return Check("redis eviction", "ok", "maxmemory-policy noeviction")
+    return Check("redis eviction", "fail", f"maxmemory-policy {policy}: under memory pressure Redis "
+                 "would evict queued orders and the ledger; set it to noeviction")
+
+
+def _mipos_check(settings: WorkerSettings) -> Check:
+    from worker.mipos import MiposClient
+
+    client = MiposClient(settings.mipos)
+    started = time.monotonic()
+    try:
+        grant = client.request_token()  # the token call does not rotate: safe beside live workers
+    except MiposError as exc:
+        hint = ""
+        if exc.error_class.value in ("auth", "permanent"):
+            hint = " (check MIPOS_CLIENT_ID, MIPOS_CLIENT_SECRET, MIPOS_EMAIL and MIPOS_PASSWORD)"
+        status = f"HTTP {exc.http_status}: " if exc.http_status else ""
+        return Check("mipos token", "fail", f"the token call to {settings.mipos.base_url} failed: "
+                     f"{status}{exc.message}{hint}")
+    elapsed = time.monotonic() - started
+    expiry = ""
+    if grant.expires_at is not None:
+        left = grant.expires_at - time.time()
+        expiry = f"; the current token expires in {seconds(left)}" if left > 0 else \
+            "; the current token has expired (workers refresh it)"
+    return Check("mipos token", "ok", f"{settings.mipos.base_url} issued a token in "
+                 f"{seconds(elapsed)} (not shown){expiry}")
+
+
+def _workers_check(url: str, timeout_s: float) -> Check:
+    from worker.celery_app import app
+
+    app.conf.broker_url = url
+    try:
+        replies = app.control.ping(timeout=timeout_s)
+    except Exception as exc:  # kombu raises its own and redis-py's errors here
+        return Check("workers", "fail", f"could not ping the workers: {type(exc).__name__}: {exc}")
+    names = sorted(name for reply in replies for name in reply)
+    if not names:
+        return Check("workers", "fail", f"no worker answered a ping within {timeout_s:g}s: start "
+                     "one (the Procfile's worker: line) or check that it uses this REDIS_URL")
+    return Check("workers", "ok", f"{len(names)} answered: {', '.join(names)}")
+
+
+def _queue_checks(client: redis.Redis, prefix: str, max_wait_s: float) -> list[Check]:
+    queued = int(client.llen(QUEUE))
+    unacked = int(client.hlen("unacked"))
+    inflight = int(client.hlen(f"{prefix}inflight"))
+    checks = [Check("queue", "ok", f"{queued} waiting, {unacked} taken by workers (scheduled "
+                    f"retries included), {inflight} orders not final")]
+    oldest = client.lindex(QUEUE, -1)  # LPUSH in, BRPOP out: the tail waited longest
+    if oldest is None:
+        checks.append(Check("oldest waiting", "ok", "nothing waiting"))
+        return checks
+    age, order = _message_age(oldest if isinstance(oldest, bytes) else str(oldest).encode())
+    if age is None:
+        checks.append(Check("oldest waiting", "ok", f"cannot tell the age of {order}"))
+    elif age > max_wait_s:
+        checks.append(Check("oldest waiting", "fail", f"{order} has waited {seconds(age)} "
+                            f"(more than {seconds(max_wait_s)}): workers are missing or too few"))
+    else:
+        checks.append(Check("oldest waiting", "ok", f"{order}, waiting {seconds(age)}"))
+    return checks
+
+
+def _message_age(raw: bytes) -> tuple[float | None, str]:
+    """How long the order of a queued Celery message has waited since it was enqueued."""
+    try:
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        kwargs: dict[str, Any] = body[1]
+        label = f"{message['headers'].get('task')} for order {kwargs.get('store_id')}/" \
+                f"{kwargs.get('order_external_id')}"
+        not_before = kwargs.get("not_before")
+        since = max(float(kwargs.get("enqueued_at") or 0), float(not_before or 0)) or None
+        return (time.time() - since if since else None), label
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None, "a message in a format we do not know"
+
+
+def _dead_letters_check(client: redis.Redis, prefix: str) -> Check:
+    from worker.deadletters import DeadLetters
+
+    hour_ago = time.time() - 3600
+    letters = DeadLetters(client, prefix).list(since=hour_ago)
+    if not letters:
+        return Check("dead letters", "ok", "none in the last hour")
+    reasons: dict[str, int] = {}
+    for letter in letters:
+        reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
+    by_reason = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+    return Check("dead letters", "warn", f"{len(letters)} in the last hour ({by_reason}): "
+                 "see `mipos-worker dead list --since 1h`")
+
+
+def _breaker_check(client: redis.Redis, prefix: str) -> Check:
+    state = client.get(f"{prefix}breaker:state")
+    held = int(client.zcard(f"{prefix}breaker:waiting"))
+    if state == b"open":
+        return Check("circuit breaker", "warn", f"open: mipos is failing for every worker; {held} "
+                     "orders held, probing for recovery")
+    return Check("circuit breaker", "ok", "closed" + (f", {held} orders being released" if held else ""))
+
+
+def as_json(checks: list[Check]) -> dict[str, Any]:
+    return {"ok": not any(c.status == "fail" for c in checks), "checks": [asdict(c) for c in checks]}
