@@ -38,6 +38,7 @@ from typing import Any
 import requests
 
 from bench.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess, wait_for
+from cli.progress import Progress
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 STORE_ID = "5"
@@ -65,7 +66,7 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-class Progress:
+class PhaseLog:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.started = time.monotonic()
@@ -76,7 +77,7 @@ class Progress:
 
 
 class Bench:
-    def __init__(self, options: argparse.Namespace, workdir: Path, progress: Progress) -> None:
+    def __init__(self, options: argparse.Namespace, workdir: Path, progress: PhaseLog) -> None:
         self.options = options
         self.workdir = workdir
         self.progress = progress
@@ -136,8 +137,15 @@ class Bench:
         return returned
 
     def wait_accepted(self, count: int, timeout: float) -> None:
-        wait_for(lambda: self.control.stats()["accepted_orders"] >= count, timeout=timeout,
-                 interval=0.1, what=f"{count} acceptances")
+        progress = Progress("bench: accepted", total=count,
+                            enabled=count > 1 and not self.progress.quiet)
+
+        def all_accepted() -> bool:
+            accepted = int(self.control.stats()["accepted_orders"])
+            progress.update(accepted)
+            return accepted >= count
+        wait_for(all_accepted, timeout=timeout, interval=0.1, what=f"{count} acceptances")
+        progress.finish()
 
     def accept_times(self) -> dict[str, float]:
         return {r["body"]["order_external_id"]: r["time"]
@@ -295,7 +303,7 @@ def gevent_available() -> bool:
 
 
 def run(options: argparse.Namespace) -> list[Row]:
-    progress = Progress(options.quiet)
+    progress = PhaseLog(options.quiet)
     workdir = Path(tempfile.mkdtemp(prefix="mipos-bench-"))
     bench = Bench(options, workdir, progress)
     rows: list[Row] = []

@@ -32,7 +32,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess, read_json_lines
+from bench.processes import (
+    SANDBOX_ENV,
+    RedisServer,
+    Sandbox,
+    WorkerProcess,
+    read_json_lines,
+)
+from cli.progress import Progress
 
 WORKER_ENV = {
     "MIPOS_TIMEOUT_S": "1",
@@ -75,22 +82,6 @@ class ChaosResult:
     timed_out: bool = False
 
 
-class Progress:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.started = time.monotonic()
-
-    def show(self, text: str) -> None:
-        if self.enabled:
-            elapsed = time.monotonic() - self.started
-            sys.stderr.write(f"\r[{elapsed:6.1f}s] {text}\033[K")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 class Chaos:
     def __init__(self, options: argparse.Namespace, workdir: Path) -> None:
         self.options = options
@@ -120,11 +111,12 @@ class Chaos:
             self.workers.append(worker)
         return worker
 
-    def enqueue_all(self, ids: list[str], permanent: set[str], progress: Progress) -> None:
+    def enqueue_all(self, ids: list[str], permanent: set[str], quiet: bool) -> None:
         from kombu import Connection
 
         from tasks import accept_order
 
+        progress = Progress("chaos: enqueued", total=len(ids), enabled=not quiet)
         for n, order_id in enumerate(ids, start=1):
             self.sandbox.control.deliver(STORE_ID, n, order_id)  # the webhook side: now pending
             if order_id in permanent:
@@ -138,8 +130,8 @@ class Chaos:
                     break
                 except Exception:
                     time.sleep(0.2)
-            if n % 50 == 0:
-                progress.show(f"enqueued {n}/{len(ids)}")
+            progress.advance()
+        progress.finish()
 
     def chaos_loop(self) -> None:
         """Kill a random worker every few seconds; restart Redis once, after the first kill."""
@@ -187,7 +179,6 @@ class Chaos:
 
 def run(options: argparse.Namespace) -> ChaosResult:
     workdir = Path(tempfile.mkdtemp(prefix="mipos-chaos-"))
-    progress = Progress(not options.quiet)
     started = time.monotonic()
     chaos = Chaos(options, workdir)
     result = ChaosResult(orders=options.orders)
@@ -202,14 +193,15 @@ def run(options: argparse.Namespace) -> ChaosResult:
         result.permanent_orders = len(permanent)
         killer = threading.Thread(target=chaos.chaos_loop, daemon=True)
         killer.start()
-        chaos.enqueue_all(ids, permanent, progress)
+        chaos.enqueue_all(ids, permanent, options.quiet)
+        progress = Progress("chaos: final", total=len(ids), enabled=not options.quiet)
 
         give_up = started + options.timeout
         while True:
             accepted, dead = chaos.outcome(ids)
             final = sum(1 for i in ids if accepted.get(i) or i in dead)
-            progress.show(f"final {final}/{len(ids)}  accepted {len(accepted)}  dead {len(dead)}  "
-                          f"kills {chaos.kills}  redis restarts {chaos.redis_restarts}")
+            progress.update(final, f"accepted {len(accepted)}, dead {len(dead)}, kills "
+                                   f"{chaos.kills}, redis restarts {chaos.redis_restarts}")
             if final == len(ids) and chaos.kills >= min(options.kills, 1):
                 break
             if time.monotonic() > give_up:
@@ -218,7 +210,7 @@ def run(options: argparse.Namespace) -> ChaosResult:
             time.sleep(0.5)
         chaos.stop_chaos.set()
         killer.join(timeout=30)
-        progress.done()
+        progress.finish()
         result.wall_time_s = round(time.monotonic() - started, 1)
         accepted, dead = chaos.outcome(ids)
         stats = chaos.sandbox.control.stats()
