@@ -148,7 +148,7 @@ def cmd_order(args: argparse.Namespace) -> int:
 
 
 def _attempts_table(attempts: list[dict[str, Any]], with_task: bool) -> str:
-    headers = ["#", "TIME", "OUTCOME", "HTTP", "ERROR CLASS", "ERROR", "TOOK", "NEXT IN"]
+    headers = ["#", "TIME", "OUTCOME", "HTTP", "ERROR CLASS", "ERROR", "TOOK", "DELAY"]
     if with_task:
         headers.insert(0, "TASK")
     rows = []
@@ -331,7 +331,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     else:
         print(table(["CHECK", "STATUS", "DETAIL"], [[c.name, c.status.upper(), c.detail] for c in checks],
                     max_width=200))
-        print(f"\n{len(failed)} problem{'s' if len(failed) != 1 else ''} found" if failed else "\nall good")
+        warnings = sum(1 for c in checks if c.status == "warn")
+        if failed:
+            print(f"\n{len(failed)} problem{'s' if len(failed) != 1 else ''} found")
+        else:
+            print("\nno problems" + (f" ({warnings} warning{'s' if warnings != 1 else ''})" if warnings else ""))
     return EXIT_FAILED if failed else EXIT_OK
 
 

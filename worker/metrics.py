@@ -36,7 +36,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Calls to mipos for a token (kind: token or refresh; result: ok or the error class)",
         ("kind", "result")),
     "mipos_orders_unacknowledged_total": (
-        "Orders mipos delivered that were never enqueued (reconciliation)", ()),
+        "Orders mipos listed as pending that were never enqueued (reconciliation; each once)", ()),
     "mipos_replays_total": ("Dead letters replayed by an operator", ("action",)),
 }
 LATENCY = "mipos_order_latency_seconds"

@@ -122,7 +122,9 @@ def sweep(rt: Runtime, resend: Any) -> SweepReport:
                 )
             elif age_s is None or age_s >= settings.grace_s:
                 report.unacknowledged += 1
-                rt.metrics.count("mipos_orders_unacknowledged_total")
+                if rt.redis.set(f"{rt.settings.redis.key_prefix}unacknowledged:{order.key}", 1,
+                                nx=True, ex=7 * 24 * 3600):
+                    rt.metrics.count("mipos_orders_unacknowledged_total")  # each order once
                 logger.error(
                     "order_unacknowledged", **order.fields(), order_number=item.order_number,
                     total=item.total, age_s=age_s,
