@@ -186,7 +186,8 @@ class _Attempt:
         if self.held:
             self.rt.breaker.unhold(self.task_id)
         if self.dead_letter is not None:
-            raise OrderFailed(self.dead_letter.id, self.dead_letter.reason, self.dead_letter.error)
+            raise OrderFailed.for_letter(self.dead_letter.id, self.dead_letter.reason,
+                                         self.dead_letter.error)
 
     def _run(self) -> None:
         if self.not_before is not None and self.now < self.not_before:

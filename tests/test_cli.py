@@ -194,6 +194,14 @@ def test_find_fix_replay_accept(cluster: Cluster, tasks: ModuleType) -> None:
 
     status = wait_state(cluster, "33", order_id, "dead-lettered")
     assert "Order not found." in status["summary"] and "permanent" in status["summary"]
+    # The task ends as a Celery failure (what Flower shows), logged without a traceback.
+    failed_task = status["tasks"][0]["task_id"]
+    [ending] = wait_for(lambda: [line for line in cluster.lines()
+                                 if line.get("logger") == "celery.app.trace"
+                                 and failed_task in str(line.get("event"))], timeout=10,
+                        what="Celery's line about the failed task")
+    assert "raised expected: OrderFailed('dead-lettered (permanent): Order not found." in ending["event"]
+    assert ending["level"] == "info" and "exception" not in ending
     human = cli(cluster, "order", "33", order_id)
     letter_id = dead_letter_id(cluster, order_id)
     assert f"mipos-worker dead replay {letter_id}" in human.stdout

@@ -56,12 +56,18 @@ class InvalidOrder(ValueError):
 
 
 class OrderFailed(Exception):
-    """The order was dead-lettered: raised at the end so Celery and Flower show the task failed."""
+    """The order was dead-lettered: raised at the end so Celery and Flower show the task failed.
 
-    def __init__(self, letter_id: str, reason: str, error: str | None) -> None:
-        super().__init__(f"dead-lettered ({reason}): {error} [dead letter {letter_id}]")
+    Built from its message alone, so Celery can pickle it (and so match it against
+    the task's ``throws``: logged at INFO, no traceback)."""
+
+    def __init__(self, message: str, letter_id: str | None = None) -> None:
+        super().__init__(message)
         self.letter_id = letter_id
-        self.reason = reason
+
+    @classmethod
+    def for_letter(cls, letter_id: str, reason: str, error: str | None) -> OrderFailed:
+        return cls(f"dead-lettered ({reason}): {error} [dead letter {letter_id}]", letter_id)
 
 
 # 409 answers, by their message. Any 409 message not listed here is transient,
