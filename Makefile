@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
-	@scripts/ensure-redis
+	@scripts/install-system-packages
 
 # Starts Redis (unless REDIS_URL is set), the sandbox mipos (unless MIPOS_CLIENT_ID
 # is set), the worker and Flower; with the sandbox, enqueues demo orders. Ctrl-C stops it all.

@@ -1,4 +1,4 @@
-"""Real processes for tests, benchmarks and the chaos run: redis-server, the sandbox, workers.
+"""Real processes for tests, benchmarks and the chaos run: redis-server, the sandbox, workers, Flower.
 
 Each process is started here and ended by its PID (its process group, for the
 worker's pool children). Every wait has a bound.
@@ -6,6 +6,7 @@ worker's pool children). Every wait has a bound.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -180,6 +183,49 @@ class WorkerProcess:
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=20)
+
+
+class FlowerProcess:
+    """The Procfile's ``flower:`` line, run as written on ``port``, logging to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, port: int) -> None:
+        self.log_path = log_path
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        with open(log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                ["bash", "-c", f"exec {procfile_command('flower')}"],
+                cwd=ROOT, env={**env, "PORT": str(port)}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def get(self, path: str, auth: tuple[str, str] | None = None, timeout: float = 5.0) -> tuple[int, str]:
+        """(status, body) of a GET; an HTTP error status is returned, not raised."""
+        request = urllib.request.Request(self.url + path)
+        if auth is not None:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until ``/healthcheck`` (served without authentication) answers OK."""
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"flower exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
+            try:
+                return self.get("/healthcheck", timeout=1.0) == (200, "OK")
+            except OSError:
+                return False
+        wait_for(ready, timeout=timeout, interval=0.1, what="Flower to answer /healthcheck")
+
+    def stop(self) -> None:
+        stop_process(self.proc, timeout=10)
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:

@@ -127,6 +127,38 @@ def start_sandbox(stack: Stack, env: dict[str, str]) -> str:
     return url
 
 
+def start_flower(stack: Stack, env: dict[str, str]) -> None:
+    """The flower: line on 127.0.0.1:5555, with a fresh local password unless FLOWER_BASIC_AUTH is set."""
+    import urllib.request
+
+    flower_env = dict(env, PORT=str(FLOWER_PORT), FLOWER_ADDRESS="127.0.0.1")
+    generated = not flower_env.get("FLOWER_BASIC_AUTH")
+    if generated:
+        flower_env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(9)}"
+    flower_log = RUN_DIR / "flower.log"
+    with open(flower_log, "ab") as out:
+        proc = stack.start("flower", ["bash", "-c", f"exec {procfile_command('flower')}"], flower_env,
+                           stdout=out, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            tail = flower_log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise SystemExit(f"[make run] Flower exited (port {FLOWER_PORT} busy?):\n" + "\n".join(tail))
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{FLOWER_PORT}/healthcheck", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    wait_until(up, 30, "Flower to answer on /healthcheck")
+    if generated:
+        user, password = flower_env["FLOWER_BASIC_AUTH"].split(":", 1)
+        log(f"Flower: http://127.0.0.1:{FLOWER_PORT} (user {user!r}, password {password!r}; "
+            "set FLOWER_BASIC_AUTH=user:password to choose them)")
+    else:
+        log(f"Flower: http://127.0.0.1:{FLOWER_PORT} (the user and password of FLOWER_BASIC_AUTH)")
+
+
 DEMO_ORDERS = [
     ("accept", "plain acceptance", []),
     ("accept", "'Unable to get token.' twice, then accepted",
@@ -215,13 +247,7 @@ def main() -> int:
         worker = stack.start("worker", ["bash", "-c", f"exec {procfile_command('worker')}"], env)
         stack.start("beat", ["bash", "-c", f"exec {procfile_command('beat')}"], env,
                     stdout=open(RUN_DIR / "beat.log", "ab"), stderr=subprocess.STDOUT)
-        flower_env = dict(env, PORT=str(FLOWER_PORT), FLOWER_ADDRESS="127.0.0.1")
-        if not flower_env.get("FLOWER_BASIC_AUTH"):
-            flower_env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(9)}"
-        stack.start("flower", ["bash", "-c", f"exec {procfile_command('flower')}"], flower_env,
-                    stdout=open(RUN_DIR / "flower.log", "ab"), stderr=subprocess.STDOUT)
-        user, password = flower_env["FLOWER_BASIC_AUTH"].split(":", 1)
-        log(f"Flower: http://127.0.0.1:{FLOWER_PORT} (user {user!r}, password {password!r})")
+        start_flower(stack, env)
 
         if sandbox_url:
             time.sleep(2)  # let the worker connect before the demo lines start to scroll
