@@ -33,6 +33,7 @@ from worker.errors import (
     InvalidOrder,
     MiposError,
     OrderFailed,
+    TransientError,
     Verdict,
     classify,
 )
@@ -241,7 +242,8 @@ class _Attempt:
 
     def _retry_held(self, wait_s: float) -> None:
         kwargs = {**self.kwargs, ENQUEUED_AT: self.enqueued_at, HELD: True}
-        raise self.task.retry(args=(), kwargs=kwargs, countdown=wait_s)
+        exc = TransientError("held: the circuit breaker is open")
+        raise self.task.retry(args=(), kwargs=kwargs, countdown=wait_s, exc=exc)
 
     def _already_done(self, request: OrderRequest) -> bool:
         done = self.rt.ledger.done(request.order)
@@ -371,7 +373,7 @@ class _Attempt:
             error=verdict.error, error_class=error_class, retry_in_s=delay,
             elapsed_ms=answer.elapsed_ms, **unknown_fields,
         )
-        self._hop(delay, not_before=time.time() + delay)
+        self._hop(delay, not_before=time.time() + delay, reason=verdict.error)
 
     # -- endings ------------------------------------------------------------
 
@@ -403,12 +405,14 @@ class _Attempt:
             elapsed_ms=elapsed_ms, dead_letter_id=letter.id, **more,
         )
 
-    def _hop(self, wait_s: float, not_before: float | None = None) -> None:
+    def _hop(self, wait_s: float, not_before: float | None = None, reason: str | None = None) -> None:
         """Come back after ``wait_s``, in hops short enough for the visibility timeout."""
         kwargs = {**self.kwargs, ENQUEUED_AT: self.enqueued_at,
                   NOT_BEFORE: not_before if not_before is not None else self.not_before}
         countdown = max(0.0, min(wait_s, delivery.countdown_hop_s(self.settings)))
-        raise self.task.retry(args=(), kwargs=kwargs, countdown=countdown)
+        # With ``exc``, Flower's RETRY row says why: "Retry in 3s: TransientError('Server Error')".
+        exc = TransientError(reason) if reason else None
+        raise self.task.retry(args=(), kwargs=kwargs, countdown=countdown, exc=exc)
 
     def _reschedule(self, wait_s: float) -> None:
         kwargs = {**self.kwargs, ENQUEUED_AT: self.enqueued_at}

@@ -18,13 +18,14 @@ from config import (
     load_reconcile_settings,
     load_worker_settings,
 )
-from worker import delivery
+from worker import delivery, events_patch
 from worker.delivery import QUEUE
 from worker.logging import bind_task_context, clear_task_context, configure_logging
 from worker.rescue import LostMessageSweeper
 from worker.runtime import get_runtime
 
 _redis = load_producer_settings()
+events_patch.install()  # celery#10434: task events lost with the threads pool
 
 # Bounded so that a POS calling `delay()` never hangs on a Redis that is down
 # or does not answer: it gets an exception within a few seconds.
