@@ -15,6 +15,7 @@ import argparse
 import os
 import re
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -197,6 +198,23 @@ def enqueue_demo(sandbox_url: str) -> list[str]:
     return ids
 
 
+def write_env_file(env: dict[str, str], with_sandbox: bool) -> Path:
+    """``.run/env``: what a second terminal sources to use ``mipos-worker`` on this system.
+
+    The sandbox's credentials are public; real ones are never written to disk.
+    """
+    names = ["REDIS_URL", "MIPOS_REDIS_PREFIX"]
+    if with_sandbox:
+        names += ["MIPOS_BASE_URL", "MIPOS_CLIENT_ID", "MIPOS_CLIENT_SECRET", "MIPOS_EMAIL", "MIPOS_PASSWORD"]
+    lines = [f"export {name}={shlex.quote(env[name])}" for name in names if env.get(name)]
+    lines.append(f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"")
+    path = RUN_DIR / "env"
+    path.write_text("# written by `make run`: source it to use mipos-worker with this system\n"
+                    + "\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def demo_finished(redis_url: str, ids: list[str]) -> bool:
     import redis
 
@@ -248,10 +266,14 @@ def main() -> int:
         stack.start("beat", ["bash", "-c", f"exec {procfile_command('beat')}"], env,
                     stdout=open(RUN_DIR / "beat.log", "ab"), stderr=subprocess.STDOUT)
         start_flower(stack, env)
+        env_file = write_env_file(env, with_sandbox=sandbox_url is not None)
 
         if sandbox_url:
             time.sleep(2)  # let the worker connect before the demo lines start to scroll
             ids = enqueue_demo(sandbox_url)
+            log(f"in another terminal: `source {env_file.relative_to(ROOT)}`, then "
+                f"`mipos-worker order 3 {ids[-1]}` (the dead-lettered demo order), "
+                "`mipos-worker dead list`, `mipos-worker doctor`")
             if options.exit_after_demo:
                 wait_until(lambda: demo_finished(env["REDIS_URL"], ids), 90, "the demo orders")
                 wait_until(lambda: reconciled(env["REDIS_URL"]), 60, "a reconciliation sweep")
