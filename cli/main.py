@@ -291,7 +291,7 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
         print("no dead letters to replay")
     else:
         for r in results:
-            print(f"{r.letter.id} {r.letter.action} {r.letter.order_key}: {r.result.replace('_', ' ')}: {r.detail}")
+            print(f"{r.letter.id} {r.letter.action} {r.letter.order_key}: {r.detail}")
         if args.all:
             counts: dict[str, int] = {}
             for r in results:

@@ -39,9 +39,10 @@ def replay_dead_letter(letter: DeadLetter) -> Replay:
     letters = DeadLetters(client, settings.key_prefix)
     if letter.reason == "invalid":
         return Replay(letter, "not_replayable",
-                      f"its arguments are invalid ({letter.error}); enqueue a corrected order instead")
+                      f"not replayable: its arguments are invalid ({letter.error}); enqueue a "
+                      "corrected order instead")
     if letter.action not in (Action.ACCEPT.value, Action.DENY.value):
-        return Replay(letter, "not_replayable", f"unknown action {letter.action!r}")
+        return Replay(letter, "not_replayable", f"not replayable: unknown action {letter.action!r}")
     current = letters.get(letter.id)
     if current is not None and current.replayed:
         return _already_replayed(letter, current.replayed)
@@ -49,8 +50,8 @@ def replay_dead_letter(letter: DeadLetter) -> Replay:
     done = OrderLedger(client, settings.key_prefix).done(order)
     if done is not None:
         past = Action(done.action).done_outcome
-        return Replay(letter, "already_done", f"the order was already {past} at mipos "
-                      f"(task {done.task_id}); nothing to send")
+        return Replay(letter, "already_done", f"not replayed: the order was already {past} at "
+                      f"mipos (task {done.task_id}); nothing to send")
     task_id = str(uuid.uuid4())
     if letters.claim_replay(letter.id, task_id) is None:  # another replay won the race
         current = letters.get(letter.id)
@@ -65,9 +66,10 @@ def replay_dead_letter(letter: DeadLetter) -> Replay:
         letters.release_replay(letter.id, task_id)
         raise
     Metrics(client, settings.key_prefix).count("mipos_replays_total", action=letter.action)
-    return Replay(letter, "replayed", f"enqueued as task {task_id}", task_id)
+    return Replay(letter, "replayed", f"replayed: enqueued as task {task_id}", task_id)
 
 
 def _already_replayed(letter: DeadLetter, claim: dict[str, Any]) -> Replay:
     task_id = claim.get("task_id")
-    return Replay(letter, "already_replayed", f"already replayed as task {task_id or '?'}", task_id)
+    return Replay(letter, "already_replayed",
+                  f"already replayed as task {task_id or '?'}: nothing sent", task_id)
