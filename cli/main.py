@@ -350,15 +350,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from sandbox.__main__ import main as sandbox_main
+    from sandbox.__main__ import serve
 
-    argv = ["--host", args.host, "--port", str(args.port), "--token-ttl-s", str(args.token_ttl_s),
-            "--latency-ms", str(args.latency_ms), "--timeout-delay-s", str(args.timeout_delay_s)]
-    for rate in args.fault_rate:
-        argv += ["--fault-rate", rate]
-    if args.verbose:
-        argv.append("--verbose")
-    return sandbox_main(argv)
+    return serve(args)
 
 
 # -- the parser ----------------------------------------------------------------------
@@ -451,22 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="print the Prometheus metrics (as Flower's /metrics serves them)")
     metrics.set_defaults(func=cmd_metrics)
 
-    from sandbox.server import RANDOM_FAULTS
+    from sandbox.__main__ import add_arguments as add_sandbox_arguments
 
     sandbox = commands.add_parser(
         "sandbox", help="run the sandbox mipos server",
         description="A local mipos for development and demos: tokens that expire and rotate, and "
                     "faults per order (see README) or at random rates.")
-    sandbox.add_argument("--host", default="127.0.0.1")
-    sandbox.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
-    sandbox.add_argument("--token-ttl-s", type=float, default=3600.0, help="token lifetime (default 3600)")
-    sandbox.add_argument("--latency-ms", type=float, default=0.0, help="delay of every API answer")
-    sandbox.add_argument("--timeout-delay-s", type=float, default=15.0,
-                         help="how long a 'timeout' fault holds the answer (default 15)")
-    sandbox.add_argument("--fault-rate", action="append", default=[], metavar="NAME=RATE",
-                         help=f"a random fault on that share of accepts/denies; NAME one of "
-                              f"{', '.join(RANDOM_FAULTS)}; repeatable (e.g. http_500=0.1)")
-    sandbox.add_argument("--verbose", action="store_true", help="log every request")
+    add_sandbox_arguments(sandbox)
     sandbox.set_defaults(func=cmd_sandbox)
     return parser
 

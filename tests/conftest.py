@@ -152,6 +152,14 @@ class ClusterStarter:
             cluster.stop()
 
 
+@pytest.fixture(scope="module")
+def cluster(redis_server: RedisServer, sandbox: Sandbox, logdir: Path) -> Iterator[Cluster]:
+    """One worker for a whole test module, started from a clean slate."""
+    starter = ClusterStarter(redis_server, sandbox, logdir)
+    yield starter(processes=1)
+    starter.stop_all()
+
+
 @pytest.fixture
 def make_cluster(redis_server: RedisServer, sandbox: Sandbox, logdir: Path) -> Iterator[ClusterFactory]:
     starter = ClusterStarter(redis_server, sandbox, logdir)

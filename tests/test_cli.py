@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,22 +20,6 @@ from tests.harness import ROOT, RedisServer, Sandbox, free_port, stop_process, w
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 NOT_FOUND = {"status": 409, "message": "Order not found.", "times": -1}
 CLI = str(Path(sys.executable).parent / "mipos-worker")
-
-
-@pytest.fixture(scope="module")
-def cluster(redis_server: RedisServer, sandbox: Any, logdir: Path) -> Iterator[Cluster]:
-    starter = ClusterStarter(redis_server, sandbox, logdir)
-    yield starter(processes=1)
-    starter.stop_all()
-
-
-@pytest.fixture(scope="module")
-def tasks(redis_server: RedisServer) -> ModuleType:
-    import tasks as pos_tasks
-    from worker.celery_app import app
-
-    app.conf.broker_url = redis_server.url
-    return pos_tasks
 
 
 def cli(cluster: Cluster, *args: str, env: dict[str, str] | None = None,

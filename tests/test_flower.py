@@ -18,8 +18,8 @@ import pytest
 from bench.browser import BrowserMissing, chromium_executable, flower_tasks_page
 from bench.processes import FlowerProcess
 from sandbox import SANDBOX_CREDENTIALS
-from tests.conftest import Cluster, ClusterStarter, harvest_tokens
-from tests.harness import ROOT, RedisServer, Sandbox, free_port, procfile_command
+from tests.conftest import Cluster, harvest_tokens
+from tests.harness import ROOT, RedisServer, free_port, procfile_command
 
 USER = "ops"
 PASSWORD = f"pw-{secrets.token_urlsafe(12)}"
@@ -155,13 +155,6 @@ def test_local_without_auth_listens_on_loopback_only(redis_server: RedisServer,
 
 
 # -- the Tasks page in Chromium, and /metrics -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster(redis_server: RedisServer, sandbox: Sandbox, logdir: Path) -> Iterator[Cluster]:
-    starter = ClusterStarter(redis_server, sandbox, logdir)
-    yield starter(processes=1)
-    starter.stop_all()
 
 
 @pytest.fixture(scope="module")
