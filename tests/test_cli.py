@@ -296,9 +296,12 @@ def test_metrics_count_attempts_dead_letters_tokens_and_latency(cluster: Cluster
     tasks.accept_order.delay(delivery_id=4, store_id="39", order_external_id=doomed)
     wait_state(cluster, "39", order_id, "accepted")
     wait_state(cluster, "39", doomed, "dead-lettered")
-    result = cli(cluster, "metrics")
-    assert result.returncode == 0, result.stderr
-    text = result.stdout
+
+    def scrape() -> str | None:  # workers write their counts about once a second
+        result = cli(cluster, "metrics")
+        assert result.returncode == 0, result.stderr
+        return result.stdout if 'error_class="permanent",outcome="failed"' in result.stdout else None
+    text = wait_for(scrape, timeout=10, interval=0.3, what="the workers' counts in /metrics")
 
     def value(series: str) -> float:
         match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)

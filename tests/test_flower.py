@@ -19,7 +19,7 @@ from bench.browser import BrowserMissing, chromium_executable, flower_tasks_page
 from bench.processes import FlowerProcess
 from sandbox import SANDBOX_CREDENTIALS
 from tests.conftest import Cluster, harvest_tokens
-from tests.harness import ROOT, RedisServer, free_port, procfile_command
+from tests.harness import ROOT, RedisServer, free_port, procfile_command, wait_for
 
 USER = "ops"
 PASSWORD = f"pw-{secrets.token_urlsafe(12)}"
@@ -192,7 +192,8 @@ def test_tasks_page_in_chromium_shows_retries_failures_and_arguments_but_no_secr
         dead_task = tasks.accept_order.delay(delivery_id=72, store_id="3", order_external_id=dead)
 
         page.wait_for_rows([{"name": "mipos.accept_order", "state": "RETRY", "kwargs": retried,
-                             "exception": "Retry in 3.0s"}], timeout=20)
+                             "exception": "Retry in 3.0s: TransientError('Too Many Attempts.')"}],
+                            timeout=20)
         rows = page.wait_for_rows([
             {"name": "mipos.accept_order", "state": "SUCCESS", "kwargs": retried},
             {"name": "mipos.accept_order", "state": "FAILURE", "kwargs": dead,
@@ -221,7 +222,10 @@ def test_metrics_without_auth_carry_flower_and_mipos_metrics(
     tasks.accept_order.delay(delivery_id=73, store_id="3", order_external_id=order)
     cluster.wait_final(order)
 
-    status, body = flower.get("/metrics")  # Flower serves /metrics without authentication
+    def scrape() -> tuple[int, str] | None:  # workers write their counts about once a second
+        status, body = flower.get("/metrics")  # Flower serves /metrics without authentication
+        return (status, body) if status != 200 or 'outcome="accepted"' in body else None
+    status, body = wait_for(scrape, timeout=10, interval=0.3, what="mipos counts on /metrics")
 
     assert status == 200
     samples = [line for line in body.splitlines() if line and not line.startswith("#")]

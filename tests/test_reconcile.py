@@ -49,8 +49,10 @@ def test_delivered_but_never_enqueued_is_reported_each_sweep_and_never_acted_on(
     assert events(cluster, "order_unacknowledged", order_external_id=young) == []
     sent = [r for r in cluster.control.requests(order_external_id=order_id) if "order/" in r["path"]]
     assert sent == []
-    counters = Metrics(cluster.redis.client, "mipos:").read()
-    assert counters["mipos_orders_unacknowledged_total|"] == 1  # reported twice, counted once
+    metrics = Metrics(cluster.redis.client, "mipos:")
+    wait_for(lambda: "mipos_orders_unacknowledged_total|" in metrics.read(), timeout=10,
+             what="the worker's counts in Redis")
+    assert metrics.read()["mipos_orders_unacknowledged_total|"] == 1  # reported twice, counted once
 
 
 def test_accepted_order_that_mipos_forgot_is_sent_again(make_cluster: ClusterFactory,

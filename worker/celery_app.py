@@ -22,7 +22,7 @@ from worker import delivery, events_patch
 from worker.delivery import QUEUE
 from worker.logging import bind_task_context, clear_task_context, configure_logging
 from worker.rescue import LostMessageSweeper
-from worker.runtime import get_runtime
+from worker.runtime import flush_metrics, get_runtime
 
 _redis = load_producer_settings()
 events_patch.install()  # celery#10434: task events lost with the threads pool
@@ -150,3 +150,9 @@ def _start_rescue(**_: Any) -> None:
 def _stop_rescue(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+    flush_metrics()
+
+
+@signals.worker_process_shutdown.connect
+def _flush_child_metrics(**_: Any) -> None:
+    flush_metrics()  # a prefork child: its own counts

@@ -26,6 +26,7 @@ from worker.redaction import register_secret
 from worker.tokens import TokenStore
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
+METRICS_FLUSH_EVERY_S = 1.0  # counts reach Redis (and /metrics) within about this long
 
 
 def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries: int = 3) -> redis.Redis:
@@ -66,7 +67,7 @@ def get_runtime() -> Runtime:
             client = MiposClient(settings.mipos)
             r = redis_from_url(settings.redis.url)
             prefix = settings.redis.key_prefix
-            metrics = Metrics(r, prefix)
+            metrics = Metrics(r, prefix, flush_every_s=METRICS_FLUSH_EVERY_S)
             _runtime = Runtime(
                 settings=settings,
                 redis=r,
@@ -80,6 +81,12 @@ def get_runtime() -> Runtime:
             )
             _runtime_pid = os.getpid()
         return _runtime
+
+
+def flush_metrics() -> None:
+    """On a clean stop: write this process's pending counts (if it ever built a runtime)."""
+    if _runtime is not None and _runtime_pid == os.getpid():
+        _runtime.metrics.flush()
 
 
 _producer: tuple[int, str, redis.Redis] | None = None
