@@ -288,6 +288,13 @@ def test_pending_says_what_we_know_of_each_listed_order(cluster: Cluster, tasks:
     assert "never enqueued" in cli(cluster, "pending", "38").stdout
 
 
+def test_pending_errors_are_one_line(cluster: Cluster) -> None:
+    unreachable = cli(cluster, "pending", "38", env={"MIPOS_BASE_URL": f"http://127.0.0.1:{free_port()}"})
+    assert_one_line_error(unreachable, "mipos did not give store 38's pending orders")
+    unset = cli(cluster, "pending", "38", env={"MIPOS_CLIENT_SECRET": ""})
+    assert_one_line_error(unset, "MIPOS_CLIENT_SECRET is required")
+
+
 def test_metrics_count_attempts_dead_letters_tokens_and_latency(cluster: Cluster, tasks: ModuleType) -> None:
     order_id, doomed = new_order_id(), new_order_id()
     cluster.control.add_faults(order_id, {"status": 500, "message": "Server Error"})
@@ -334,6 +341,17 @@ def test_doctor_healthy(cluster: Cluster) -> None:
     assert checks["redis persistence"]["status"] == "warn"  # the test Redis has no AOF
     human = cli(cluster, "doctor")
     assert human.returncode == 0 and re.search(r"\nno problems \(\d+ warnings?\)\n$", human.stdout)
+
+
+def test_doctor_reports_an_open_breaker(cluster: Cluster) -> None:
+    client = cluster.redis.client
+    client.set("mipos:breaker:state", "open")  # as a worker writes it (tests/test_breaker.py opens it for real)
+    client.zadd("mipos:breaker:waiting", {"task-a": 1.0, "task-b": 2.0})
+    try:
+        check = checks_of(cli(cluster, "doctor", "--json", "--skip-mipos"))["circuit breaker"]
+    finally:
+        client.delete("mipos:breaker:state", "mipos:breaker:waiting")
+    assert check["status"] == "warn" and "open" in check["detail"] and "2 orders held" in check["detail"]
 
 
 def test_doctor_catches_a_wrong_mipos_password(cluster: Cluster) -> None:
