@@ -1,0 +1,127 @@
+"""``dead list|show|replay|purge``: the orders that failed for good."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from cli.common import EXIT_FAILED, EXIT_OK, open_redis
+from cli.orders import attempts_table
+from cli.output import CliError, ago, emit_json, table, when
+from cli.progress import Progress
+
+if TYPE_CHECKING:
+    from worker.deadletters import DeadLetters
+
+
+def _dead_letters() -> DeadLetters:
+    from worker.deadletters import DeadLetters
+
+    client, prefix = open_redis()
+    return DeadLetters(client, prefix)
+
+
+def cmd_dead_list(args: argparse.Namespace) -> int:
+    letters = _dead_letters().list(args.limit + 1, since=args.since, reason=args.reason,
+                                   store_id=args.store)
+    more = len(letters) > args.limit
+    letters = letters[: args.limit]
+    if args.json:
+        emit_json({"dead_letters": [asdict(x) for x in letters], "truncated": more})
+        return EXIT_OK
+    if not letters:
+        print("no dead letters" + (" match" if args.since or args.reason or args.store else ""))
+        return EXIT_OK
+    print(table(
+        ["ID", "FAILED", "ACTION", "STORE", "ORDER", "REASON", "TRIES", "ERROR", "REPLAYED"],
+        [[x.id, when(x.failed_at), x.action, x.order.get("store_id"), x.order.get("order_external_id"),
+          x.reason, len(x.attempts), x.error, (x.replayed or {}).get("task_id", "")[:8] or None]
+         for x in letters], max_width=48))
+    if more:
+        print(f"(the newest {args.limit}; --limit shows more)")
+    return EXIT_OK
+
+
+def cmd_dead_show(args: argparse.Namespace) -> int:
+    letter = _dead_letters().get(args.id)
+    if letter is None:
+        raise CliError(f"no dead letter {args.id} (it never existed, was purged, or expired after 30 days)")
+    if args.json:
+        emit_json(asdict(letter))
+        return EXIT_OK
+    fields = [
+        ("id", letter.id), ("action", letter.action),
+        *[(k, v) for k, v in letter.order.items()],
+        ("reason", letter.reason), ("error", letter.error), ("task", letter.task_id),
+        ("enqueued", when(letter.enqueued_at)), ("failed", f"{when(letter.failed_at)} ({ago(letter.failed_at)})"),
+        ("replay of", letter.replay_of),
+        ("replayed", f"as task {letter.replayed['task_id']} at {when(letter.replayed['at'])}"
+         if letter.replayed else "no"),
+    ]
+    for name, value in fields:
+        if value is not None:
+            print(f"{name + ':':<18}{value}")
+    if letter.attempts:
+        print()
+        print(attempts_table(letter.attempts, with_task=False))
+    return EXIT_OK
+
+
+def cmd_dead_replay(args: argparse.Namespace) -> int:
+    from tasks.replay import replay_dead_letter
+
+    store = _dead_letters()
+    if args.id:
+        if args.reason or args.store:
+            raise CliError("--reason and --store choose letters for --all; with an id, leave them out")
+        letter = store.get(args.id)
+        if letter is None:
+            raise CliError(f"no dead letter {args.id}")
+        letters = [letter]
+    else:
+        letters = [x for x in store.list(since=args.since, reason=args.reason, store_id=args.store)
+                   if not x.replayed]
+        latest: dict[str, Any] = {}
+        for letter in letters:  # newest first: one replay per order, from its latest failure
+            latest.setdefault(letter.order_key, letter)
+        letters = list(latest.values())
+    progress = Progress("replay", total=len(letters), enabled=bool(args.all) and not args.quiet)
+    results = []
+    for letter in letters:
+        result = replay_dead_letter(letter)
+        results.append(result)
+        progress.advance(outcome=result.result)
+    progress.finish()
+    if args.json:
+        emit_json({"results": [{"id": r.letter.id, "order": r.letter.order_key, "result": r.result,
+                                "detail": r.detail, "task_id": r.task_id} for r in results]})
+    elif not results:
+        print("no dead letters to replay")
+    else:
+        for r in results:
+            print(f"{r.letter.id} {r.letter.action} {r.letter.order_key}: {r.detail}")
+        if args.all:
+            counts: dict[str, int] = {}
+            for r in results:
+                counts[r.result] = counts.get(r.result, 0) + 1
+            print("; ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items())))
+    refused = any(r.result == "not_replayable" for r in results)
+    return EXIT_FAILED if refused and not args.all else EXIT_OK
+
+
+def cmd_dead_purge(args: argparse.Namespace) -> int:
+    store = _dead_letters()
+    cutoff = time.time() - args.older_than
+    if args.dry_run:
+        count = len(store.redis.zrangebyscore(store.index_key, "-inf", cutoff))
+        verb = "would delete"
+    else:
+        count = store.purge(cutoff)
+        verb = "deleted"
+    if args.json:
+        emit_json({"purged" if not args.dry_run else "would_purge": count, "older_than": when(cutoff)})
+    else:
+        print(f"{verb} {count} dead letter{'s' if count != 1 else ''} failed before {when(cutoff)}")
+    return EXIT_OK
