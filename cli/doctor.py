@@ -26,6 +26,8 @@ from config import (
 )
 from worker.delivery import QUEUE
 from worker.errors import MiposError
+from worker.metrics import read_gauges
+from worker.orders import order_key
 
 Status = Literal["ok", "warn", "fail", "skipped"]
 
@@ -72,9 +74,10 @@ def run_checks(options: DoctorOptions) -> list[Check]:
         return checks
     prefix = redis_settings.key_prefix
     checks.append(_workers_check(redis_settings.url, options.ping_timeout_s))
-    checks.extend(_queue_checks(client, prefix, options.max_wait_s))
+    gauges = {name: value for name, (_help, value) in read_gauges(client, prefix, QUEUE).items()}
+    checks.extend(_queue_checks(client, gauges, options.max_wait_s))
     checks.append(_dead_letters_check(client, prefix))
-    checks.append(_breaker_check(client, prefix))
+    checks.append(_breaker_check(gauges))
     return checks
 
 
@@ -167,10 +170,10 @@ def _workers_check(url: str, timeout_s: float) -> Check:
     return Check("workers", "ok", f"{len(names)} answered: {', '.join(names)}")
 
 
-def _queue_checks(client: redis.Redis, prefix: str, max_wait_s: float) -> list[Check]:
-    queued = int(client.llen(QUEUE))
-    unacked = int(client.hlen("unacked"))
-    inflight = int(client.hlen(f"{prefix}inflight"))
+def _queue_checks(client: redis.Redis, gauges: dict[str, float], max_wait_s: float) -> list[Check]:
+    queued = int(gauges["mipos_queue_depth"])
+    unacked = int(gauges["mipos_unacked_messages"])
+    inflight = int(gauges["mipos_orders_in_flight"])
     checks = [Check("queue", "ok", f"{queued} waiting, {unacked} taken by workers (scheduled "
                     f"retries included), {inflight} orders not final")]
     oldest = client.lindex(QUEUE, -1)  # LPUSH in, BRPOP out: the tail waited longest
@@ -194,8 +197,8 @@ def _message_age(raw: bytes) -> tuple[float | None, str]:
         message = json.loads(raw)
         body = json.loads(base64.b64decode(message["body"]))
         kwargs: dict[str, Any] = body[1]
-        label = f"{message['headers'].get('task')} for order {kwargs.get('store_id')}/" \
-                f"{kwargs.get('order_external_id')}"
+        label = (f"{message['headers'].get('task')} for order "
+                 f"{order_key(kwargs.get('store_id'), kwargs.get('order_external_id'))}")
         not_before = kwargs.get("not_before")
         since = max(float(kwargs.get("enqueued_at") or 0), float(not_before or 0)) or None
         return (time.time() - since if since else None), label
@@ -218,10 +221,9 @@ def _dead_letters_check(client: redis.Redis, prefix: str) -> Check:
                  "see `mipos-worker dead list --since 1h`")
 
 
-def _breaker_check(client: redis.Redis, prefix: str) -> Check:
-    state = client.get(f"{prefix}breaker:state")
-    held = int(client.zcard(f"{prefix}breaker:waiting"))
-    if state == b"open":
+def _breaker_check(gauges: dict[str, float]) -> Check:
+    held = int(gauges["mipos_orders_held_by_breaker"])
+    if gauges["mipos_breaker_open"]:
         return Check("circuit breaker", "warn", f"open: mipos is failing for every worker; {held} "
                      "orders held, probing for recovery")
     return Check("circuit breaker", "ok", "closed" + (f", {held} orders being released" if held else ""))

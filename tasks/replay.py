@@ -17,7 +17,7 @@ from config import load_producer_settings
 from worker.deadletters import DeadLetter, DeadLetters
 from worker.ledger import OrderLedger
 from worker.metrics import Metrics
-from worker.orders import Action, Order
+from worker.orders import ORDER_FIELDS, Action, Order
 from worker.runtime import producer_redis
 
 Result = Literal["replayed", "already_replayed", "already_done", "not_replayable"]
@@ -46,7 +46,7 @@ def replay_dead_letter(letter: DeadLetter) -> Replay:
     current = letters.get(letter.id)
     if current is not None and current.replayed:
         return _already_replayed(letter, current.replayed)
-    order = Order(**{k: str(letter.order.get(k)) for k in ("delivery_id", "store_id", "order_external_id")})
+    order = Order(**{k: str(letter.order.get(k)) for k in ORDER_FIELDS})
     done = OrderLedger(client, settings.key_prefix).done(order)
     if done is not None:
         past = Action(done.action).done_outcome

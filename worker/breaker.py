@@ -65,6 +65,8 @@ return 0
 
 
 Decision = Literal["send", "probe", "hold"]
+STATE_KEY = "breaker:state"  # "open" or "closed", after the key prefix
+WAITING_KEY = "breaker:waiting"  # held task ids, scored by deadline
 
 
 class CircuitBreaker:
@@ -73,9 +75,9 @@ class CircuitBreaker:
         self.settings = settings
         self.failures_key = f"{key_prefix}breaker:failures"
         self.successes_key = f"{key_prefix}breaker:successes"
-        self.state_key = f"{key_prefix}breaker:state"
+        self.state_key = f"{key_prefix}{STATE_KEY}"
         self.probe_key = f"{key_prefix}breaker:probe"
-        self.waiting_key = f"{key_prefix}breaker:waiting"
+        self.waiting_key = f"{key_prefix}{WAITING_KEY}"
         self.rate_key = f"{key_prefix}ratelimit"
 
     def is_open(self) -> bool:

@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from worker.metrics import Metrics
+from worker.orders import order_key
 
 DEAD_LETTER_TTL_S = 30 * 24 * 3600
 
@@ -31,7 +32,7 @@ class DeadLetter:
 
     @property
     def order_key(self) -> str:
-        return f"{self.order.get('store_id')}/{self.order.get('order_external_id')}"
+        return order_key(self.order.get("store_id"), self.order.get("order_external_id"))
 
 
 class DeadLetters:
@@ -82,7 +83,7 @@ class DeadLetters:
 
     def for_order(self, store_id: str, order_external_id: str) -> list[DeadLetter]:
         """Oldest first."""
-        ids = self.redis.zrange(f"{self.by_order_prefix}{store_id}/{order_external_id}", 0, -1)
+        ids = self.redis.zrange(self.by_order_prefix + order_key(store_id, order_external_id), 0, -1)
         return [letter for letter in map(self.get, map(_text, ids)) if letter is not None]
 
     def latest_for(self, store_id: str, order_external_id: str) -> DeadLetter | None:
@@ -118,9 +119,6 @@ class DeadLetters:
             if limit is not None and len(letters) >= limit:
                 break
         return letters
-
-    def count_since(self, since: float) -> int:
-        return int(self.redis.zcount(self.index_key, since, "+inf"))
 
     def claim_replay(self, letter_id: str, task_id: str) -> dict[str, Any] | None:
         """Mark the letter replayed as ``task_id``; None if it already was (by anyone)."""

@@ -18,8 +18,10 @@ from typing import Any
 import redis
 
 from worker.ledger import note_order_task
+from worker.orders import order_key
 
 INFLIGHT_TTL_S = 7 * 24 * 3600
+InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; when it is next due
 
 
 class InflightRegistry:
@@ -36,11 +38,11 @@ class InflightRegistry:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.entries_key, task_id, entry)
         pipe.zadd(self.heartbeats_key, {task_id: time.time() + (countdown or 0.0)})
-        order_key = f"{kwargs.get('store_id')}/{kwargs.get('order_external_id')}"
-        note_order_task(pipe, self.prefix, order_key, task_id)
+        note_order_task(pipe, self.prefix, order_key(kwargs.get("store_id"), kwargs.get("order_external_id")),
+                        task_id)
         pipe.execute()
 
-    def entry(self, task_id: str) -> tuple[dict[str, Any], float | None] | None:
+    def entry(self, task_id: str) -> InflightEntry | None:
         """The registered message of an unfinished task and when it is next due; None if final."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.hget(self.entries_key, task_id)
@@ -79,7 +81,7 @@ class InflightRegistry:
         keys = set()
         for raw in self.redis.hvals(self.entries_key):
             kwargs = json.loads(raw).get("kwargs", {})
-            keys.add(f"{kwargs.get('store_id')}/{kwargs.get('order_external_id')}")
+            keys.add(order_key(kwargs.get("store_id"), kwargs.get("order_external_id")))
         return keys
 
     def count(self) -> int:

@@ -27,7 +27,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from worker.breaker import STATE_KEY, WAITING_KEY
 from worker.delivery import QUEUE
+
+UNACKED_KEY = "unacked"  # kombu's Redis transport: messages taken and not yet acknowledged
 
 # Enqueue to accepted (or denied): mipos cancels an order after about 10 minutes.
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -206,13 +209,17 @@ def _latency_families(values: dict[str, float]) -> Iterator[Metric]:
 
 
 def read_gauges(client: redis.Redis, prefix: str, queue: str) -> dict[str, tuple[str, float]]:
+    """The state gauges, by name: (help, value). ``mipos-worker doctor`` reads them too."""
+    from worker.deadletters import DeadLetters  # they count into these metrics
+    from worker.inflight import InflightRegistry
+
     pipe = client.pipeline(transaction=False)
     pipe.llen(queue)
-    pipe.hlen("unacked")
-    pipe.hlen(f"{prefix}inflight")
-    pipe.zcard(f"{prefix}dead")
-    pipe.get(f"{prefix}breaker:state")
-    pipe.zcard(f"{prefix}breaker:waiting")
+    pipe.hlen(UNACKED_KEY)
+    pipe.hlen(InflightRegistry(client, prefix).entries_key)
+    pipe.zcard(DeadLetters(client, prefix).index_key)
+    pipe.get(prefix + STATE_KEY)
+    pipe.zcard(prefix + WAITING_KEY)
     queued, unacked, inflight, dead, breaker, held = pipe.execute()
     return {
         "mipos_redis_up": ("1 when the shared Redis answered this scrape", 1.0),

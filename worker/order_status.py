@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis
 
+from worker.breaker import WAITING_KEY
 from worker.deadletters import DeadLetter, DeadLetters
-from worker.inflight import InflightRegistry
+from worker.inflight import InflightEntry, InflightRegistry
 from worker.ledger import LedgerEntry, OrderLedger
-from worker.orders import Order
+from worker.orders import Action, Order
 
 State = Literal["pending", "retrying", "held", "accepted", "denied", "dead-lettered"]
 
@@ -59,9 +60,11 @@ def describe_order(client: redis.Redis, key_prefix: str, store_id: str,
     task_ids += [letter.task_id for letter in letters if letter.task_id not in task_ids]
     if not task_ids and done is None:
         return None
-    held = {_text(i) for i in client.zrange(f"{key_prefix}breaker:waiting", 0, -1)}
-    tasks = [_task_status(task_id, ledger, inflight, letters, held, done) for task_id in task_ids]
-    delivery_id = (done.delivery_id if done else None) or _delivery_id(tasks, inflight, letters)
+    held = {_text(i) for i in client.zrange(key_prefix + WAITING_KEY, 0, -1)}
+    entries = {task_id: inflight.entry(task_id) for task_id in task_ids}
+    tasks = [_task_status(task_id, entries[task_id], ledger, letters, held, done)
+             for task_id in task_ids]
+    delivery_id = (done.delivery_id if done else None) or _delivery_id(entries, letters)
     order = Order(delivery_id=delivery_id or "?", store_id=store_id,
                   order_external_id=order_external_id)
     state, summary = _state(done, tasks, letters)
@@ -69,9 +72,8 @@ def describe_order(client: redis.Redis, key_prefix: str, store_id: str,
                        dead_letters=letters)
 
 
-def _task_status(task_id: str, ledger: OrderLedger, inflight: InflightRegistry,
+def _task_status(task_id: str, entry: InflightEntry | None, ledger: OrderLedger,
                  letters: list[DeadLetter], held: set[str], done: LedgerEntry | None) -> TaskStatus:
-    entry = inflight.entry(task_id)
     attempts = ledger.history(task_id)
     letter = next((x for x in letters if x.task_id == task_id), None)
     if not attempts and letter is not None:
@@ -95,13 +97,11 @@ def _task_status(task_id: str, ledger: OrderLedger, inflight: InflightRegistry,
                       attempts=attempts, replay_of=replay_of)
 
 
-def _delivery_id(tasks: list[TaskStatus], inflight: InflightRegistry,
-                 letters: list[DeadLetter]) -> str | None:
+def _delivery_id(entries: dict[str, InflightEntry | None], letters: list[DeadLetter]) -> str | None:
     for letter in letters:
         if letter.order.get("delivery_id") is not None:
             return str(letter.order["delivery_id"])
-    for task in tasks:
-        entry = inflight.entry(task.task_id)
+    for entry in entries.values():
         if entry is not None and entry[0].get("kwargs", {}).get("delivery_id") is not None:
             return str(entry[0]["kwargs"]["delivery_id"])
     return None
@@ -110,8 +110,8 @@ def _delivery_id(tasks: list[TaskStatus], inflight: InflightRegistry,
 def _state(done: LedgerEntry | None, tasks: list[TaskStatus],
            letters: list[DeadLetter]) -> tuple[State, str]:
     if done is not None:
-        outcome = "accepted" if done.action == "accept" else "denied"
-        return outcome, f"{outcome} at mipos at {_when(done.at)} by task {done.task_id}"  # type: ignore[return-value]
+        outcome = cast(State, Action(done.action).done_outcome)
+        return outcome, f"{outcome} at mipos at {_when(done.at)} by task {done.task_id}"
     unfinished = [t for t in tasks if not t.final]
     if unfinished:
         task = unfinished[-1]

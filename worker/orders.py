@@ -25,6 +25,11 @@ class Action(StrEnum):
 ORDER_FIELDS = ("delivery_id", "store_id", "order_external_id")
 
 
+def order_key(store_id: Any, order_external_id: Any) -> str:
+    """Identifies an order at mipos: one store's external id (also in Redis key names)."""
+    return f"{store_id}/{order_external_id}"
+
+
 @dataclass(frozen=True)
 class Order:
     delivery_id: str
@@ -33,8 +38,7 @@ class Order:
 
     @property
     def key(self) -> str:
-        """Identifies the order at mipos: one store's external id."""
-        return f"{self.store_id}/{self.order_external_id}"
+        return order_key(self.store_id, self.order_external_id)
 
     def fields(self) -> dict[str, str]:
         return {
