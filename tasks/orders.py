@@ -1,23 +1,30 @@
 """The accept and deny tasks: what the POS enqueues, and the story of one attempt.
 
 Producer side: ``OrderTask.apply_async`` validates the arguments in the POS's
-process (``ValueError`` naming the field, nothing enqueued) and stamps the
-enqueue time that the deadline counts from.
+process (``ValueError`` naming the field, nothing enqueued), refuses the
+stamps only mipos-worker may set (``worker/stamps.py``), and registers the
+task, stamped with Redis's clock, before publishing it. The project's own
+producers (the outbox, replay, reconciliation, the worker's retries) go
+through ``publish_order``.
 
-Worker side: ``run_attempt`` checks the ledger, sends (resending once at once
-with a fresh token after a 401), classifies the answer, writes one line per
-attempt, and then finishes, retries later, or dead-letters.
+Worker side: ``run_attempt`` checks the ledger, settles an earlier request
+whose answer never came, sends (resending once at once with a fresh token
+after a 401), classifies the answer, writes one line per attempt, and then
+finishes, comes back later, or dead-letters.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
-import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import redis
+import structlog
 from celery import Task
 from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
@@ -25,6 +32,7 @@ from kombu.exceptions import OperationalError
 from config import load_producer_settings
 from worker import delivery
 from worker.attempt_log import AttemptLine
+from worker.budget import attempt_budget
 from worker.celery_app import app
 from worker.deadletters import DeadLetter
 from worker.errors import (
@@ -38,22 +46,34 @@ from worker.errors import (
     classify,
 )
 from worker.inflight import InflightRegistry
+from worker.ledger import LedgerEntry, Uncertain
 from worker.orders import ORDER_FIELDS, Action, Order, OrderRequest, parse_order_request
 from worker.reconcile import fetch_pending
 from worker.retry import decide_retry
 from worker.runtime import Runtime, get_runtime, producer_redis
+from worker.stamps import PRIVATE_KEYS, STAMPS_KEY, Stamps, split_message
 
-# Carried in the message beside the order's own arguments.
-ENQUEUED_AT = "enqueued_at"  # when the POS enqueued it: the deadline counts from here
-NOT_BEFORE = "not_before"  # a wait longer than one countdown hop ends here
-RESEND = "reconcile_resend"  # reconciliation: mipos still lists an order we recorded as done
-HELD = "breaker_held"  # waiting for the circuit breaker to close (worker/breaker.py)
-REPLAY_OF = "replay_of"  # an operator replayed this dead letter (tasks/replay.py)
-PRIVATE_KEYS = (ENQUEUED_AT, NOT_BEFORE, RESEND, HELD, REPLAY_OF)
-STICKY_KEYS = (RESEND, REPLAY_OF)  # kept in the message across retries
+logger = structlog.stdlib.get_logger("mipos.attempts")
 
 LOCK_BUSY_RETRY_S = (0.2, 1.0)  # another worker is sending this order right now
-UNEXPECTED_ERROR_RETRY_S = 5.0
+# mipos lists an order as pending for 10 minutes after it arrived; it arrived at
+# mipos before the POS enqueued it, so absence from the list is trusted only while
+# the order is younger than this (counted from its enqueue), with room for the
+# webhook-to-enqueue delay and for mipos's clock.
+PENDING_LIST_TRUSTED_FOR_S = 600.0 - 120.0
+# An uncertain request is settled by its task's deadline; the mark stays a little longer.
+UNCERTAIN_MARGIN_S = 60.0
+
+_internal_publish: ContextVar[bool] = ContextVar("mipos_internal_publish", default=False)
+
+
+@contextmanager
+def _internal() -> Iterator[None]:
+    token = _internal_publish.set(True)
+    try:
+        yield
+    finally:
+        _internal_publish.reset(token)
 
 
 class OrderTask(Task):
@@ -62,34 +82,58 @@ class OrderTask(Task):
     typing = False  # checked by parse_order_request, with clearer messages
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
-        arguments = _named_arguments(self.action, args or (), dict(kwargs or {}))
-        private = {key: arguments.pop(key) for key in PRIVATE_KEYS if key in arguments}
+        arguments = dict(kwargs or {})
+        if _internal_publish.get():
+            arguments, stamps, _ = split_message(arguments)
+        else:
+            stamps = Stamps()
+            for key in PRIVATE_KEYS:
+                if key in arguments:
+                    raise InvalidOrder(key, "is set by mipos-worker itself; a caller may not pass it")
+        arguments = _named_arguments(self.action, args or (), arguments)
         request = parse_order_request(self.action, arguments)
-        message_kwargs: dict[str, Any] = {**request.body(), ENQUEUED_AT: time.time()}
-        message_kwargs.update({k: v for k, v in private.items() if v is not None})
+        age_s = float(options.pop("age_s", 0.0) or 0.0)
         options["task_id"] = options.get("task_id") or str(uuid.uuid4())
         options["kwargsrepr"] = repr(request.body())  # what Flower shows: the order, not our stamps
-        self._register(options, message_kwargs)
-        return super().apply_async(args=(), kwargs=message_kwargs, **options)
+        enqueued_at = self._register(options, request, stamps, age_s)
+        message = {**request.body(), STAMPS_KEY: stamps.but(enqueued_at=enqueued_at).to_message()}
+        return super().apply_async(args=(), kwargs=message, **options)
 
-    def _register(self, options: dict[str, Any], message_kwargs: dict[str, Any]) -> None:
-        """Note the task in the in-flight registry before it is published (worker/inflight.py)."""
+    def _register(self, options: dict[str, Any], request: OrderRequest, stamps: Stamps,
+                  age_s: float) -> float:
+        """Note the task in the in-flight registry before it is published (worker/inflight.py);
+        returns its enqueue time on Redis's clock."""
         connection = options.get("connection")
         url = connection.as_uri(include_password=True) if connection else self.app.conf.broker_url
         countdown = options.get("countdown")
         try:
             registry = InflightRegistry(producer_redis(url), load_producer_settings().key_prefix)
-            registry.register(options["task_id"], self.name, message_kwargs,
-                              countdown=float(countdown) if countdown else None)
+            return registry.register(
+                options["task_id"], self.name, {**request.body(), STAMPS_KEY: stamps.to_message()},
+                countdown=float(countdown) if countdown else None,
+                enqueued_at=stamps.enqueued_at, age_s=age_s)
         except redis.RedisError as exc:
             raise OperationalError(f"cannot reach Redis to enqueue {self.name}: {exc}") from exc
+
+
+def publish_order(action: Action, arguments: dict[str, Any], stamps: Stamps, *,
+                  age_s: float = 0.0, **options: Any) -> Any:
+    """Enqueue with stamps: for the project's own producers only.
+
+    ``age_s``: how long ago the order was enqueued, on the producer's own clock
+    (the outbox's kept rows); the deadline counts from then.
+    """
+    task = accept_order if action is Action.ACCEPT else deny_order
+    with _internal():
+        return task.apply_async(kwargs={**arguments, STAMPS_KEY: stamps.to_message()},
+                                age_s=age_s, **options)
 
 
 def _named_arguments(action: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ORDER_FIELDS + (("message",) if action is Action.DENY else ())
     if len(args) > len(names):
         raise InvalidOrder("args", f"{action.value}_order takes at most {len(names)} positional arguments")
-    for name, value in zip(names, args):
+    for name, value in zip(names, args, strict=False):
         if name in kwargs:
             raise InvalidOrder(name, "given both by position and by name")
         kwargs[name] = value
@@ -145,29 +189,26 @@ class _Attempt:
         self.action = action
         self.rt = runtime
         self.settings = runtime.settings
+        self.clock = runtime.clock.now
         self.task_id: str = task.request.id or "unknown"
-        self.now = time.time()
-        self.kwargs = dict(kwargs)
-        # Sent by name without our stamp: the deadline counts from the first attempt.
-        self.enqueued_at: float = _as_time(self.kwargs.pop(ENQUEUED_AT, None)) or self.now
-        self.not_before = _as_time(self.kwargs.pop(NOT_BEFORE, None))
-        self.resend = self.kwargs.pop(RESEND, None) is True
-        self.held = self.kwargs.pop(HELD, None) is True
-        replay_of = self.kwargs.get(REPLAY_OF)
-        self.replay_of = replay_of if isinstance(replay_of, str) else None
-        if self.resend:
-            self.kwargs[RESEND] = True  # kept for retries of the resend
-        sticky = {k: self.kwargs[k] for k in STICKY_KEYS if k in self.kwargs}
-        self.order: Order | None = None
-        self.dead_letter: DeadLetter | None = None
+        self.now = self.clock()
+        given, stamps, ignored = split_message(kwargs)
+        # Sent by name without our stamps: the deadline counts from the first attempt.
+        self.stamps = stamps if stamps.enqueued_at else stamps.but(enqueued_at=self.now)
+        self.enqueued_at: float = self.stamps.enqueued_at or self.now
+        self.request: OrderRequest | None = None
+        self.invalid: InvalidOrder | None = None
         try:
-            self.arguments = _named_arguments(
-                action, args, {k: v for k, v in self.kwargs.items() if k not in STICKY_KEYS})
-        except InvalidOrder:
-            self.arguments = {**self.kwargs, "args": list(args)}
+            self.request = parse_order_request(action, _named_arguments(action, args, dict(given)))
+            self.arguments: dict[str, Any] = self.request.body()
+        except InvalidOrder as exc:
+            self.invalid = exc
+            self.arguments = {**given, **({"args": list(args)} if args else {})}
+        self.order: Order | None = self.request.order if self.request else None
+        self.dead_letter: DeadLetter | None = None
         self.deadline_at = self.enqueued_at + self.settings.retry.deadline_s
-        self._note_interrupted_attempt()
-        self.history = self.rt.ledger.history(self.task_id)
+        sticky = {k: v for k, v in (("reconcile_resend", self.stamps.resend),
+                                    ("replay_of", self.stamps.replay_of)) if v}
         self.line = AttemptLine(
             action=action,
             task_id=self.task_id,
@@ -176,80 +217,99 @@ class _Attempt:
             extra=sticky,
             on_emit=self._count,
         )
+        if ignored:
+            logger.warning(
+                "private_keys_ignored", task_id=self.task_id, keys=ignored,
+                **{f: _loggable(self.arguments.get(f)) for f in ORDER_FIELDS},
+                reason="only mipos-worker itself sets these; a message sent by name cannot",
+            )
+        self._note_interrupted_attempt()
+        self.history = self.rt.ledger.history(self.task_id)
+        self.token_in_use: str | None = None
 
     # -- the story --------------------------------------------------------
 
     def run(self) -> None:
-        self.rt.inflight.heartbeat(self.task_id)
+        self.rt.inflight.heartbeat(self.task_id, self.now)
         self._run()
-        # Reached an end (accepted, denied, skipped or failed): a retry or hop raises instead.
+        # Reached an end (accepted, denied, skipped or failed): coming back later raises instead.
         self.rt.inflight.forget(self.task_id)
-        if self.held:
+        if self.stamps.held:
             self.rt.breaker.unhold(self.task_id)
         if self.dead_letter is not None:
             raise OrderFailed.for_letter(self.dead_letter.id, self.dead_letter.reason,
                                          self.dead_letter.error)
 
     def _run(self) -> None:
-        if self.not_before is not None and self.now < self.not_before:
-            self._hop(self.not_before - self.now)
-        try:
-            request = parse_order_request(self.action, self.arguments)
-        except InvalidOrder as exc:
-            self._fail("invalid", f"invalid arguments: {exc}", ErrorClass.PERMANENT.value, None, 0.0)
+        if self.request is None:
+            self._fail("invalid", f"invalid arguments: {self.invalid}", ErrorClass.PERMANENT.value)
             return
-        order = self.order = request.order
-        with self.rt.ledger.order_lock(order, delivery.order_lock_ttl_s(self.settings)) as mine:
-            if not mine:
-                self._reschedule(random.uniform(*LOCK_BUSY_RETRY_S))
-            if self._already_done(request):
+        if self.now > self.deadline_at:
+            self._fail("deadline", "deadline passed before the attempt could start",
+                       ErrorClass.TRANSIENT.value)
+            return
+        not_before = self.stamps.not_before
+        if not_before is not None and self.now < not_before:
+            if not_before > self.deadline_at:
+                self._fail("deadline", "the next attempt was due after the deadline",
+                           ErrorClass.TRANSIENT.value)
                 return
-            if self.now > self.deadline_at:
-                self._fail("deadline", "deadline passed before the attempt could start",
-                           ErrorClass.TRANSIENT.value, None, 0.0)
+            self._come_back(not_before - self.now)
+        request = self.request
+        bound = delivery.attempt_bound_s(self.settings)
+        with attempt_budget(bound), \
+                self.rt.ledger.order_lock(request.order, delivery.order_lock_ttl_s(self.settings)) as mine:
+            if not mine:
+                self._come_back(random.uniform(*LOCK_BUSY_RETRY_S), hop=False)
+            done, uncertain = self.rt.ledger.state(request.order)
+            if done is not None and self._already_done(request, done):
                 return
             if self._held_by_breaker():
                 return
-            self._send(request)
+            uncertain = uncertain or self._own_unknown_attempt()
+            if uncertain is not None and not self._settle(request, uncertain):
+                return
+            self._send(request, previous_unknown=uncertain is not None)
+
+    def _own_unknown_attempt(self) -> Uncertain | None:
+        """This task's last attempt had no answer (from before the order-wide mark existed)."""
+        if self.history and self.history[-1].get("outcome_unknown"):
+            return Uncertain(self.action.value, self.task_id, float(self.history[-1].get("at") or 0),
+                             self.enqueued_at)
+        return None
 
     def _held_by_breaker(self) -> bool:
         """Wait while mipos is failing for everyone; True when the order ended (deadline)."""
         breaker = self.rt.breaker
         decision = breaker.decide()
+        now = self.clock()
         if decision == "hold":
             wait = self.settings.breaker.probe_interval_s * random.uniform(1.0, 1.5)
-            if time.time() + wait > self.deadline_at:
+            if now + wait > self.deadline_at:
                 self._fail("deadline", "deadline passed while the circuit breaker held the order "
                            "(mipos is failing for every worker)", ErrorClass.TRANSIENT.value,
-                           None, 0.0, held_by_breaker=True)
+                           held_by_breaker=True)
                 return True
-            breaker.hold(self.task_id, self.deadline_at)
-            if not self.held:  # one line when held, not one per wake-up
+            breaker.hold(self.task_id, self.deadline_at, now)
+            if not self.stamps.held:  # one line when held, not one per wake-up
                 self.line.emit(
                     attempt=self._next_attempt(), outcome="retrying",
                     error="circuit breaker open: held without spending an attempt",
                     error_class=ErrorClass.TRANSIENT.value, retry_in_s=wait, held_by_breaker=True)
-            self._retry_held(wait)
-        if self.held and decision == "send":
-            wait = breaker.release_wait_s(self.task_id)
-            if wait > 0:
-                self._retry_held(wait)  # released oldest deadline first, at the shared rate
+            self._come_back(wait, held=True, reason="held: the circuit breaker is open")
+        if self.stamps.held and decision == "send":
+            wait = breaker.release_wait_s(self.task_id, now)
+            if wait > 0:  # released oldest deadline first, at the shared rate
+                self._come_back(wait, held=True, reason="held: the circuit breaker is open")
         elif decision == "send" and not breaker.take_slot():
-            self._reschedule(random.uniform(0.05, 0.3))  # the shared rate limit
-        if self.held:
+            self._come_back(random.uniform(0.05, 0.3), hop=False)  # the shared rate limit
+        if self.stamps.held:
             breaker.unhold(self.task_id)
+            self.stamps = self.stamps.but(held=False)
         return False
 
-    def _retry_held(self, wait_s: float) -> None:
-        kwargs = {**self.kwargs, ENQUEUED_AT: self.enqueued_at, HELD: True}
-        exc = TransientError("held: the circuit breaker is open")
-        raise self.task.retry(args=(), kwargs=kwargs, countdown=wait_s, exc=exc)
-
-    def _already_done(self, request: OrderRequest) -> bool:
-        done = self.rt.ledger.done(request.order)
-        if done is None:
-            return False
-        if done.action == self.action.value and self.resend:
+    def _already_done(self, request: OrderRequest, done: LedgerEntry) -> bool:
+        if done.action == self.action.value and self.stamps.resend:
             return False  # mipos says it never got it: send again, on purpose
         if done.action == self.action.value:
             self.line.emit(attempt=self._next_attempt(), outcome="skipped",
@@ -258,23 +318,100 @@ class _Attempt:
         past = Action(done.action).done_outcome
         self._fail(
             "permanent",
-            f"order {request.order.key} was already {past} at mipos (task {done.task_id}); "
-            f"it cannot be {self.action.done_outcome} afterwards",
-            ErrorClass.PERMANENT.value, None, 0.0,
+            f"order {request.order.store_id}/{request.order.order_external_id} was already {past} "
+            f"at mipos (task {done.task_id}); it cannot be {self.action.done_outcome} afterwards",
+            ErrorClass.PERMANENT.value,
         )
         return True
 
-    def _send(self, request: OrderRequest) -> None:
-        previous_unknown = self._previous_outcome_unknown()
-        if previous_unknown and self.settings.confirm_with_pending_list and self._confirmed(request):
-            return
+    # -- an earlier request whose answer never came ----------------------------
+
+    def _settle(self, request: OrderRequest, uncertain: Uncertain) -> bool:
+        """Before sending after an unanswered accept or deny of this order: did it land?
+
+        True: send. mipos's pending list says: still listed (it did not land: send),
+        gone while the order is young enough to be listed (it landed: record it, send
+        nothing), or it cannot say (too old, unreadable). Then the same request is
+        sent again, flagged; the other one is not sent blind (never both an accept
+        and a deny): it waits for the list, or is refused once nobody can know.
+        """
+        same = uncertain.action == self.action.value
+        other = Action(uncertain.action)
+        attempt = self._next_attempt()
+        if not self.settings.confirm_with_pending_list:
+            if same:
+                return True
+            self._refuse_after_unknown(uncertain, "MIPOS_CONFIRM_WITH_PENDING_LIST is off, so "
+                                       "mipos's pending list cannot settle it")
+            return False
+        age_s = self.clock() - min(self.enqueued_at, uncertain.enqueued_at)
+        listable = age_s < PENDING_LIST_TRUSTED_FOR_S
+        try:
+            pending, answer = fetch_pending(self.rt, request.order.store_id)
+        except MiposError as exc:
+            if same:
+                return True  # send again and let the answer decide
+            self._come_back_after_failure(
+                attempt, Answer(http_status=exc.http_status),
+                Verdict(ErrorClass.TRANSIENT, f"cannot tell whether the earlier {other.value} "
+                        f"(task {uncertain.task_id}) reached mipos: {exc.message}"),
+                counted=True, unknown_fields={"previous_outcome": "unknown"})
+            return False
+        if any(item.external_id == request.order.order_external_id for item in pending):
+            in_flight_for = self.clock() - uncertain.at
+            if not same and in_flight_for < _settle_after_s(self.settings):
+                # Still listed, but a slow request may yet land: give it the time one call may take.
+                self._come_back_after_failure(
+                    attempt, answer,
+                    Verdict(ErrorClass.TRANSIENT, f"waiting for the earlier {other.value} (task "
+                            f"{uncertain.task_id}, no answer {in_flight_for:.1f}s ago) to settle"),
+                    counted=True, unknown_fields={"previous_outcome": "unknown"})
+                return False
+            self.rt.ledger.clear_uncertain(request.order)  # still pending: it did not land
+            return True
+        if not listable:
+            if same:
+                return True
+            self._refuse_after_unknown(uncertain, f"the order is {age_s:.0f}s old, too old for "
+                                       "mipos's pending list to tell")
+            return False
+        # Gone from the list: mipos got the earlier request.
+        self.rt.ledger.record_done(request.order, other, uncertain.task_id,
+                                   request.message if same else None, confirmed_by="pending_list")
+        if same:
+            self._record(attempt, self.action.done_outcome, answer, Verdict(None), counted=False)
+            self.line.emit(
+                attempt=attempt, outcome=self.action.done_outcome, http_status=answer.http_status,
+                elapsed_ms=answer.elapsed_ms, confirmed_by="pending_list", previous_outcome="unknown",
+            )
+            return False
+        self._fail(
+            "permanent",
+            f"order {request.order.store_id}/{request.order.order_external_id} was already "
+            f"{other.done_outcome} at mipos (task {uncertain.task_id}, whose answer never came; "
+            f"mipos no longer lists the order); it cannot be {self.action.done_outcome} afterwards",
+            ErrorClass.PERMANENT.value, attempt=attempt, confirmed_by="pending_list")
+        return False
+
+    def _refuse_after_unknown(self, uncertain: Uncertain, why: str) -> None:
+        other = Action(uncertain.action)
+        self._fail(
+            "permanent",
+            f"not sent: the {other.value} of this order (task {uncertain.task_id}) may have reached "
+            f"mipos (its answer never came) and {why}; sending the {self.action.value} too could "
+            f"leave the order both {other.done_outcome} and {self.action.done_outcome}",
+            ErrorClass.PERMANENT.value, previous_outcome="unknown")
+
+    # -- sending ---------------------------------------------------------------
+
+    def _send(self, request: OrderRequest, previous_unknown: bool) -> None:
         rejected_token: str | None = None
         counted = True
+        unknown_fields: dict[str, Any] = {"previous_outcome": "unknown"} if previous_unknown else {}
         while True:
             attempt = self._next_attempt()
             sent, answer, verdict = self._one_request(request, attempt, rejected_token)
             self._tell_breaker(sent, verdict)
-            unknown_fields: dict[str, Any] = {"previous_outcome": "unknown"} if previous_unknown else {}
             if verdict.ok:
                 self.rt.ledger.record_done(request.order, self.action, self.task_id, request.message)
                 self._record(attempt, self.action.done_outcome, answer, verdict, counted)
@@ -293,13 +430,19 @@ class _Attempt:
                     retry_in_s=0.0, elapsed_ms=answer.elapsed_ms, resend="fresh_token",
                     **unknown_fields,
                 )
-                rejected_token = self._token_in_use
+                rejected_token = self.token_in_use
                 counted = False
                 continue
-            self._after_failure(attempt, answer, verdict, counted, unknown_fields)
-            return
-
-    _token_in_use: str = ""
+            if sent and answer.outcome_unknown:
+                self._mark_uncertain(request.order)
+                unknown_fields = {**unknown_fields, "outcome_unknown": True}
+            if verdict.error_class is ErrorClass.PERMANENT:
+                self._record(attempt, "failed", answer, verdict, counted)
+                self._fail("permanent", verdict.error, verdict.error_class.value, answer,
+                           attempt=attempt, recorded=True, **unknown_fields)
+                return
+            self._come_back_after_failure(attempt, answer, verdict, counted, unknown_fields)
+            return  # failed for good (attempts, deadline); coming back later raises
 
     def _tell_breaker(self, sent: bool, verdict: Verdict) -> None:
         """An answer from mipos (even a permanent refusal) says it is up; a transient
@@ -309,29 +452,6 @@ class _Attempt:
         elif verdict.error_class is ErrorClass.TRANSIENT or not sent:
             self.rt.breaker.record_failure(verdict.error)
 
-    def _confirmed(self, request: OrderRequest) -> bool:
-        """After an attempt with an unknown outcome, ask mipos's pending list first.
-
-        Gone from the list means mipos got the earlier accept (or deny): record it
-        and send nothing. Listed, or the list cannot be read: send as usual.
-        """
-        attempt = self._next_attempt()
-        try:
-            pending, answer = fetch_pending(self.rt, request.order.store_id)
-        except MiposError:
-            return False
-        if any(item.external_id == request.order.order_external_id for item in pending):
-            return False
-        outcome = self.action.done_outcome
-        verdict = Verdict(None)
-        self.rt.ledger.record_done(request.order, self.action, self.task_id, request.message)
-        self._record(attempt, outcome, answer, verdict, counted=False)
-        self.line.emit(
-            attempt=attempt, outcome=outcome, http_status=answer.http_status,
-            elapsed_ms=answer.elapsed_ms, confirmed_by="pending_list", previous_outcome="unknown",
-        )
-        return True
-
     def _one_request(self, request: OrderRequest, attempt: int,
                      rejected_token: str | None) -> tuple[bool, Answer, Verdict]:
         """Get a token and send; ``sent`` is False when no token could be had."""
@@ -340,31 +460,32 @@ class _Attempt:
             token = tokens.replace_rejected(rejected_token) if rejected_token else tokens.current()
         except MiposError as exc:
             return False, Answer(http_status=exc.http_status), Verdict(exc.error_class, exc.message)
-        self._token_in_use = token
+        self.token_in_use = token
         self.rt.ledger.mark_sending(self.task_id, attempt)
         answer = self.rt.client.send(request, token)
         return True, answer, classify(answer)
 
-    def _after_failure(self, attempt: int, answer: Answer, verdict: Verdict,
-                       counted: bool, unknown_fields: dict[str, Any]) -> None:
+    def _mark_uncertain(self, order: Order) -> None:
+        self.rt.ledger.record_uncertain(
+            order, Uncertain(self.action.value, self.task_id, self.clock(), self.enqueued_at),
+            ttl_s=self.deadline_at - self.clock() + UNCERTAIN_MARGIN_S)
+
+    # -- endings ------------------------------------------------------------
+
+    def _come_back_after_failure(self, attempt: int, answer: Answer, verdict: Verdict,
+                                 counted: bool, unknown_fields: dict[str, Any]) -> None:
+        """A transient failure: retry after the schedule's delay, or fail (attempts, deadline)."""
         assert verdict.error_class is not None
         error_class = verdict.error_class.value
-        if answer.outcome_unknown:
-            unknown_fields = {**unknown_fields, "outcome_unknown": True}
-        if verdict.error_class is ErrorClass.PERMANENT:
-            self._record(attempt, "failed", answer, verdict, counted)
-            self._fail("permanent", verdict.error, error_class, answer, answer.elapsed_ms,
-                       attempt=attempt, recorded=True, **unknown_fields)
-            return
         attempts_made = self._counted_attempts() + (1 if counted else 0)
         decision = decide_retry(
-            attempts_made=attempts_made, now=time.time(), deadline_at=self.deadline_at,
+            attempts_made=attempts_made, now=self.clock(), deadline_at=self.deadline_at,
             settings=self.settings.retry, retry_after_s=answer.retry_after_s,
         )
         if decision.action == "fail":
             self._record(attempt, "failed", answer, verdict, counted)
             self._fail(decision.fail_reason or "attempts", verdict.error, error_class, answer,
-                       answer.elapsed_ms, attempt=attempt, recorded=True, **unknown_fields)
+                       attempt=attempt, recorded=True, **unknown_fields)
             return
         delay = decision.delay_s or 0.0
         self._record(attempt, "retrying", answer, verdict, counted, retry_in_s=delay)
@@ -373,17 +494,15 @@ class _Attempt:
             error=verdict.error, error_class=error_class, retry_in_s=delay,
             elapsed_ms=answer.elapsed_ms, **unknown_fields,
         )
-        self._hop(delay, not_before=time.time() + delay, reason=verdict.error)
+        self._come_back(delay, reason=verdict.error)
 
-    # -- endings ------------------------------------------------------------
-
-    def _fail(self, reason: str, error: str | None, error_class: str, answer: Answer | None,
-              elapsed_ms: float, *, attempt: int | None = None, recorded: bool = False,
-              **more: Any) -> None:
+    def _fail(self, reason: str, error: str | None, error_class: str, answer: Answer | None = None,
+              *, attempt: int | None = None, recorded: bool = False, **more: Any) -> None:
         attempt = attempt or self._next_attempt()
+        elapsed_ms = answer.elapsed_ms if answer else 0.0
         if not recorded:
             self.rt.ledger.record_attempt(self.task_id, {
-                "attempt": attempt, "at": time.time(), "outcome": "failed",
+                "attempt": attempt, "at": self.clock(), "outcome": "failed",
                 "http_status": None, "error": error, "error_class": error_class,
                 "elapsed_ms": elapsed_ms, "counted": False,
             }, self.order)
@@ -396,7 +515,7 @@ class _Attempt:
             task_id=self.task_id,
             enqueued_at=self.enqueued_at,
             attempts=self.rt.ledger.history(self.task_id),
-            replay_of=self.replay_of,
+            replay_of=self.stamps.replay_of,
         )
         self.line.emit(
             attempt=attempt, outcome="failed",
@@ -405,18 +524,25 @@ class _Attempt:
             elapsed_ms=elapsed_ms, dead_letter_id=letter.id, **more,
         )
 
-    def _hop(self, wait_s: float, not_before: float | None = None, reason: str | None = None) -> None:
-        """Come back after ``wait_s``, in hops short enough for the visibility timeout."""
-        kwargs = {**self.kwargs, ENQUEUED_AT: self.enqueued_at,
-                  NOT_BEFORE: not_before if not_before is not None else self.not_before}
+    def _come_back(self, wait_s: float, *, hop: bool = True, held: bool | None = None,
+                   reason: str | None = None) -> None:
+        """The one way to come back later: a new message (same task id) after ``wait_s``.
+
+        Long waits go in hops short enough for the visibility timeout, each carrying
+        when the wait ends (``not_before``); the message carries the normalised order
+        and every stamp, so nothing the first delivery knew is lost.
+        """
         countdown = max(0.0, min(wait_s, delivery.countdown_hop_s(self.settings)))
+        stamps = self.stamps.but(
+            not_before=self.clock() + wait_s if hop and wait_s > countdown else None,
+            held=self.stamps.held if held is None else held,
+        )
+        assert self.request is not None
+        kwargs = {**self.request.body(), STAMPS_KEY: stamps.to_message()}
         # With ``exc``, Flower's RETRY row says why: "Retry in 3s: TransientError('Server Error')".
         exc = TransientError(reason) if reason else None
-        raise self.task.retry(args=(), kwargs=kwargs, countdown=countdown, exc=exc)
-
-    def _reschedule(self, wait_s: float) -> None:
-        kwargs = {**self.kwargs, ENQUEUED_AT: self.enqueued_at}
-        raise self.task.retry(args=(), kwargs=kwargs, countdown=wait_s)
+        with _internal():
+            raise self.task.retry(args=(), kwargs=kwargs, countdown=countdown, exc=exc)
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -431,6 +557,8 @@ class _Attempt:
             "retry_in_s": None, "elapsed_ms": None, "counted": True, "outcome_unknown": True,
         })
         self.rt.ledger.clear_sending(self.task_id)
+        if self.order is not None:
+            self._mark_uncertain(self.order)
 
     def _next_attempt(self) -> int:
         return len(self.history) + 1
@@ -443,14 +571,11 @@ class _Attempt:
         unknown = [r["attempt"] for r in self.history if r.get("outcome_unknown")]
         return {"possible_duplicate": True, "unknown_attempts": unknown} if unknown else {}
 
-    def _previous_outcome_unknown(self) -> bool:
-        return bool(self.history) and bool(self.history[-1].get("outcome_unknown"))
-
     def _record(self, attempt: int, outcome: str, answer: Answer, verdict: Verdict,
                 counted: bool, retry_in_s: float | None = None) -> None:
         record = {
             "attempt": attempt,
-            "at": time.time(),
+            "at": self.clock(),
             "outcome": outcome,
             "http_status": answer.http_status,
             "error": verdict.error,
@@ -469,17 +594,14 @@ class _Attempt:
         done = outcome in ("accepted", "denied")
         try:
             self.rt.metrics.attempt(self.action.value, outcome, error_class,
-                                    latency_s=time.time() - self.enqueued_at if done else None)
+                                    latency_s=self.clock() - self.enqueued_at if done else None)
         except redis.RedisError:
             pass  # a counter is not worth redelivering the order for
 
 
-def _as_time(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)) and value > 0:
-        return float(value)
-    return None
+def _settle_after_s(settings: Any) -> float:
+    """How long an unanswered request may still be on its way: one call's connect + read."""
+    return 2 * float(settings.mipos.timeout_s)
 
 
 def _loggable(value: Any) -> Any:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from kombu.exceptions import OperationalError
 
 from worker.orders import Action, parse_order_request
+from worker.stamps import Stamps
 
 SendResult = Literal["enqueued", "kept"]
 
@@ -97,11 +98,12 @@ class Outbox:
     @staticmethod
     def _enqueue(db: sqlite3.Connection, row_id: int, action: Action,
                  arguments: dict[str, Any], enqueued_at: float) -> bool:
-        from tasks.orders import accept_order, deny_order
+        from tasks.orders import publish_order
 
-        task = accept_order if action is Action.ACCEPT else deny_order
         try:
-            task.apply_async(kwargs={**arguments, "enqueued_at": enqueued_at})
+            # The deadline counts from when the POS stored the order: its age on this
+            # host's clock, turned into Redis's clock by the registration.
+            publish_order(action, arguments, Stamps(), age_s=max(0.0, time.time() - enqueued_at))
         except (OperationalError, OSError) as exc:
             db.execute(
                 "UPDATE outbox SET tries = tries + 1, last_error = ? WHERE id = ?",

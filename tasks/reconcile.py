@@ -13,19 +13,19 @@ from worker.locks import release_lock
 from worker.orders import Action, Order
 from worker.reconcile import sweep
 from worker.runtime import get_runtime
+from worker.stamps import Stamps
 
 logger = structlog.stdlib.get_logger("mipos.reconcile")
 
 
 
 def _resend(action: Action, order: Order, message: str | None) -> None:
-    from tasks.orders import RESEND, accept_order, deny_order
+    from tasks.orders import publish_order
 
-    if action is Action.ACCEPT:
-        accept_order.apply_async(kwargs={**order.fields(), RESEND: True})
-    else:
-        deny_order.apply_async(kwargs={**order.fields(), RESEND: True,
-                                       "message": message or "Order could not be stored"})
+    arguments: dict[str, str] = order.fields()
+    if action is Action.DENY:
+        arguments["message"] = message or "Order could not be stored"
+    publish_order(action, arguments, Stamps(resend=True))
 
 
 @app.task(name="mipos.reconcile", ignore_result=True)

@@ -19,6 +19,7 @@ from worker.ledger import OrderLedger
 from worker.metrics import Metrics
 from worker.orders import ORDER_FIELDS, Action, Order
 from worker.runtime import producer_redis
+from worker.stamps import Stamps
 
 Result = Literal["replayed", "already_replayed", "already_done", "not_replayable"]
 
@@ -32,7 +33,7 @@ class Replay:
 
 
 def replay_dead_letter(letter: DeadLetter) -> Replay:
-    from tasks.orders import REPLAY_OF, accept_order, deny_order
+    from tasks.orders import publish_order
 
     settings = load_producer_settings()
     client = producer_redis(settings.url)
@@ -56,12 +57,11 @@ def replay_dead_letter(letter: DeadLetter) -> Replay:
     if letters.claim_replay(letter.id, task_id) is None:  # another replay won the race
         current = letters.get(letter.id)
         return _already_replayed(letter, current.replayed if current and current.replayed else {})
-    task = accept_order if letter.action == Action.ACCEPT.value else deny_order
-    kwargs: dict[str, Any] = {**order.fields(), REPLAY_OF: letter.id}
+    kwargs: dict[str, Any] = order.fields()
     if letter.action == Action.DENY.value:
         kwargs["message"] = letter.order.get("message")
     try:
-        task.apply_async(kwargs=kwargs, task_id=task_id)
+        publish_order(Action(letter.action), kwargs, Stamps(replay_of=letter.id), task_id=task_id)
     except BaseException:
         letters.release_replay(letter.id, task_id)
         raise

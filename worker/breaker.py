@@ -123,18 +123,27 @@ class CircuitBreaker:
 
     # -- held orders and the release ---------------------------------------------
 
-    def hold(self, task_id: str, deadline_at: float) -> None:
-        self.redis.zadd(self.waiting_key, {task_id: deadline_at})
+    def hold(self, task_id: str, deadline_at: float, now: float) -> None:
+        """Scored by the order's deadline (Redis's clock, like ``now``): an entry whose
+        order can no longer be sent leaves the set at the next hold or release, whatever
+        became of its task, so no orphan waits ahead of live orders."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(self.waiting_key, "-inf", now)
+        pipe.zadd(self.waiting_key, {task_id: deadline_at})
+        pipe.execute()
 
     def unhold(self, task_id: str) -> None:
         self.redis.zrem(self.waiting_key, task_id)
 
-    def release_wait_s(self, task_id: str) -> float:
+    def release_wait_s(self, task_id: str, now: float) -> float:
         """0 when a held order may go now (among the next by deadline, and a slot is free);
         else how long to wait for its turn."""
-        raw_rank: Any = self.redis.zrank(self.waiting_key, task_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(self.waiting_key, "-inf", now)
+        pipe.zrank(self.waiting_key, task_id)
+        raw_rank: Any = pipe.execute()[1]
         rank = int(raw_rank) if raw_rank is not None else None
-        limit = self.settings.rate_limit_per_s or 1000
+        limit = self.settings.rate_limit_per_s
         if rank is not None and rank >= limit:
             return max(0.2, (rank - limit + 1) / limit)
         if not self.take_slot():
@@ -143,8 +152,6 @@ class CircuitBreaker:
         return 0.0
 
     def take_slot(self) -> bool:
-        """One send from the shared per-second budget (always True without a limit)."""
-        if self.settings.rate_limit_per_s <= 0:
-            return True
+        """One send from the shared per-second budget."""
         return bool(self.redis.eval(_TAKE_SLOT, 1, self.rate_key, time.time(), uuid.uuid4().hex,
                                     self.settings.rate_limit_per_s))

@@ -12,16 +12,33 @@ re-publishes any entry that is stale and is neither queued nor unacknowledged.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import redis
 
-from worker.ledger import note_order_task
+from worker.clock import redis_time
+from worker.ledger import HISTORY_TTL_S, order_tasks_key
 from worker.orders import order_key
+from worker.stamps import STAMPS_KEY
 
-INFLIGHT_TTL_S = 7 * 24 * 3600
 InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; when it is next due
+
+# Register a message about to be published, stamped with Redis's clock in the same
+# round trip: the enqueue time (given, or now minus the order's age on the
+# producer's own clock) and the publish time. Returns the enqueue time as a
+# string (a Lua number would come back truncated to an integer).
+_REGISTER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local enqueued = tonumber(ARGV[5]) or (now - tonumber(ARGV[6]))
+local stamp = string.format('%.6f', enqueued)
+redis.call('hset', KEYS[1], ARGV[1], '{"task":' .. cjson.encode(ARGV[2]) .. ',"enqueued_at":' .. stamp
+  .. ',"published_at":' .. string.format('%.6f', now) .. ',"kwargs":' .. ARGV[3] .. '}')
+redis.call('zadd', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('zadd', KEYS[3], 'NX', now, ARGV[1])
+redis.call('expire', KEYS[3], ARGV[7])
+return stamp
+"""
 
 
 class InflightRegistry:
@@ -30,17 +47,28 @@ class InflightRegistry:
         self.prefix = key_prefix
         self.entries_key = f"{key_prefix}inflight"
         self.heartbeats_key = f"{key_prefix}inflight:heartbeat"
+        self._register = redis_client.register_script(_REGISTER)
 
     def register(self, task_id: str, task_name: str, kwargs: dict[str, Any],
-                 countdown: float | None = None) -> None:
-        """Record the message about to be published; its next sign of life is due after ``countdown``."""
-        entry = json.dumps({"task": task_name, "kwargs": kwargs})
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.entries_key, task_id, entry)
-        pipe.zadd(self.heartbeats_key, {task_id: time.time() + (countdown or 0.0)})
-        note_order_task(pipe, self.prefix, order_key(kwargs.get("store_id"), kwargs.get("order_external_id")),
-                        task_id)
-        pipe.execute()
+                 countdown: float | None = None, *, enqueued_at: float | None = None,
+                 age_s: float = 0.0) -> float:
+        """Record the message about to be published; its next sign of life is due after ``countdown``.
+
+        Returns the enqueue time on Redis's clock: ``enqueued_at`` when given (a
+        retry), else the one the message's stamps carry, else now minus ``age_s``.
+        """
+        okey = order_key(kwargs.get("store_id"), kwargs.get("order_external_id"))
+        if enqueued_at is None:  # a message published again as it was (the rescue sweep)
+            stamps = kwargs.get(STAMPS_KEY)
+            if isinstance(stamps, dict) and isinstance(stamps.get("enqueued_at"), (int, float)):
+                enqueued_at = float(stamps["enqueued_at"])
+        stamp = self._register(
+            keys=[self.entries_key, self.heartbeats_key, order_tasks_key(self.prefix, okey)],
+            args=[task_id, task_name, json.dumps(kwargs), countdown or 0.0,
+                  "" if enqueued_at is None else repr(float(enqueued_at)), max(0.0, age_s),
+                  HISTORY_TTL_S],
+        )
+        return float(stamp)
 
     def entry(self, task_id: str) -> InflightEntry | None:
         """The registered message of an unfinished task and when it is next due; None if final."""
@@ -50,10 +78,11 @@ class InflightRegistry:
         raw, due = pipe.execute()
         if raw is None:
             return None
-        return json.loads(raw), (float(due) if due is not None else None)
+        return _message(raw), (float(due) if due is not None else None)
 
-    def heartbeat(self, task_id: str) -> None:
-        self.redis.zadd(self.heartbeats_key, {task_id: time.time()}, xx=True)
+    def heartbeat(self, task_id: str, now: float) -> None:
+        """``now`` on Redis's clock (``worker.clock``), like every score here."""
+        self.redis.zadd(self.heartbeats_key, {task_id: now}, xx=True)
 
     def forget(self, task_id: str) -> None:
         pipe = self.redis.pipeline(transaction=True)
@@ -63,7 +92,7 @@ class InflightRegistry:
 
     def stale(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, dict[str, Any], float]]:
         """Entries without a sign of life for ``older_than_s``: (task id, entry, last seen)."""
-        ceiling = time.time() - older_than_s
+        ceiling = redis_time(self.redis) - older_than_s
         found: list[Any] = list(self.redis.zrangebyscore(self.heartbeats_key, "-inf", ceiling,
                                                          start=0, num=limit, withscores=True))
         result = []
@@ -73,7 +102,7 @@ class InflightRegistry:
             if raw is None:
                 self.redis.zrem(self.heartbeats_key, task_id)
                 continue
-            result.append((task_id, json.loads(raw), float(seen)))
+            result.append((task_id, _message(raw), float(seen)))
         return result
 
     def order_keys(self) -> set[str]:
@@ -86,3 +115,15 @@ class InflightRegistry:
 
     def count(self) -> int:
         return int(self.redis.hlen(self.entries_key))
+
+
+def _message(raw: bytes | str) -> dict[str, Any]:
+    """A registry entry with the enqueue time put back among the message's stamps,
+    so that ``entry["kwargs"]`` is the message to publish again."""
+    entry: dict[str, Any] = json.loads(raw)
+    kwargs = entry.get("kwargs")
+    if isinstance(kwargs, dict) and entry.get("enqueued_at") is not None:
+        stamps = kwargs.get(STAMPS_KEY)
+        kwargs[STAMPS_KEY] = {**(stamps if isinstance(stamps, dict) else {}),
+                              "enqueued_at": entry["enqueued_at"]}
+    return entry

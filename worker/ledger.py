@@ -45,6 +45,19 @@ class LedgerEntry:
     at: float
     delivery_id: str
     message: str | None = None  # a deny's reason, for a reconciliation resend
+    store_id: str | None = None
+    order_external_id: str | None = None
+    confirmed_by: str | None = None  # "pending_list": mipos stopped listing it after an unknown outcome
+
+
+@dataclass(frozen=True)
+class Uncertain:
+    """An accept or deny that may have reached mipos: its answer never came."""
+
+    action: str
+    task_id: str
+    at: float
+    enqueued_at: float  # of that task: bounds the order's age at mipos from below
 
 
 class OrderLedger:
@@ -55,14 +68,37 @@ class OrderLedger:
     def _done_key(self, order: Order) -> str:
         return f"{self.prefix}done:{order.key}"
 
+    def _uncertain_key(self, order: Order) -> str:
+        return f"{self.prefix}uncertain:{order.key}"
+
     def done(self, order: Order) -> LedgerEntry | None:
         raw = self.redis.get(self._done_key(order))
         return LedgerEntry(**json.loads(raw)) if raw else None
 
-    def record_done(self, order: Order, action: Action, task_id: str,
-                    message: str | None = None) -> None:
-        entry = LedgerEntry(action.value, task_id, time.time(), order.delivery_id, message)
-        self.redis.set(self._done_key(order), json.dumps(asdict(entry)), ex=LEDGER_TTL_S)
+    def state(self, order: Order) -> tuple[LedgerEntry | None, Uncertain | None]:
+        """What is known of the order at mipos: done, or possibly done by an unanswered request."""
+        done, uncertain = self.redis.mget(self._done_key(order), self._uncertain_key(order))
+        return (LedgerEntry(**json.loads(done)) if done else None,
+                Uncertain(**json.loads(uncertain)) if uncertain else None)
+
+    def record_done(self, order: Order, action: Action, task_id: str, message: str | None = None,
+                    *, at: float | None = None, confirmed_by: str | None = None) -> None:
+        entry = LedgerEntry(action.value, task_id, time.time() if at is None else at,
+                            order.delivery_id, message, order.store_id, order.order_external_id,
+                            confirmed_by)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self._done_key(order), json.dumps(asdict(entry)), ex=LEDGER_TTL_S)
+        pipe.delete(self._uncertain_key(order))
+        pipe.execute()
+
+    def record_uncertain(self, order: Order, uncertain: Uncertain, ttl_s: float) -> None:
+        """Until settled (a 200, the pending list) or ``ttl_s`` passes (the deadline of
+        that task: after it mipos has dropped the order anyway)."""
+        self.redis.set(self._uncertain_key(order), json.dumps(asdict(uncertain)),
+                       ex=max(1, int(ttl_s)))
+
+    def clear_uncertain(self, order: Order) -> None:
+        self.redis.delete(self._uncertain_key(order))
 
     @contextmanager
     def order_lock(self, order: Order, ttl_s: float) -> Iterator[bool]:

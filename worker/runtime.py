@@ -17,6 +17,7 @@ from redis.retry import Retry
 
 from config import WorkerSettings, load_producer_settings, load_worker_settings
 from worker.breaker import CircuitBreaker
+from worker.clock import SharedClock
 from worker.deadletters import DeadLetters
 from worker.inflight import InflightRegistry
 from worker.ledger import OrderLedger
@@ -30,8 +31,11 @@ METRICS_FLUSH_EVERY_S = 1.0  # counts reach Redis (and /metrics) within about th
 
 
 def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries: int = 3) -> redis.Redis:
+    """A client that checks a rediss:// server's certificate as the broker does (config.verified_redis_url)."""
+    from config import verified_redis_url
+
     return redis.Redis.from_url(
-        url,
+        verified_redis_url(url),
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
@@ -50,6 +54,7 @@ class Runtime:
     inflight: InflightRegistry
     breaker: CircuitBreaker
     metrics: Metrics
+    clock: SharedClock  # Redis's time: the deadline's one clock (worker/clock.py)
 
 
 _lock = threading.Lock()
@@ -78,6 +83,7 @@ def get_runtime() -> Runtime:
                 inflight=InflightRegistry(r, prefix),
                 breaker=CircuitBreaker(r, prefix, settings.breaker),
                 metrics=metrics,
+                clock=SharedClock(r),
             )
             _runtime_pid = os.getpid()
         return _runtime
