@@ -23,24 +23,36 @@ def _dead_letters() -> DeadLetters:
     return DeadLetters(client, prefix)
 
 
+LIST_MAX_SCAN = 10_000  # letters a filtered listing examines before it stops with a cursor
+
+
 def cmd_dead_list(args: argparse.Namespace) -> int:
-    letters = _dead_letters().list(args.limit + 1, since=args.since, reason=args.reason,
-                                   store_id=args.store)
-    more = len(letters) > args.limit
-    letters = letters[: args.limit]
+    before = getattr(args, "before", None)
+    try:
+        page = _dead_letters().page(args.limit, before=before, since=args.since, reason=args.reason,
+                                    store_id=args.store, max_scan=max(args.limit, LIST_MAX_SCAN))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    letters, cursor = page.letters, page.next_before
     if args.json:
-        emit_json({"dead_letters": [asdict(x) for x in letters], "truncated": more})
+        emit_json({"dead_letters": [asdict(x) for x in letters], "truncated": cursor is not None,
+                   "next_before": cursor})
         return EXIT_OK
+    filtered = bool(args.since or args.reason or args.store)
     if not letters:
-        print("no dead letters" + (" match" if args.since or args.reason or args.store else ""))
-        return EXIT_OK
-    print(table(
-        ["ID", "FAILED", "ACTION", "STORE", "ORDER", "REASON", "TRIES", "ERROR", "REPLAYED"],
-        [[x.id, when(x.failed_at), x.action, x.order.get("store_id"), x.order.get("order_external_id"),
-          x.reason, len(x.attempts), x.error, (x.replayed or {}).get("task_id", "")[:8] or None]
-         for x in letters], max_width=48))
-    if more:
-        print(f"(the newest {args.limit}; --limit shows more)")
+        print("no dead letters" + (" match" if filtered else "")
+              + (" in this page" if cursor else "") + (" before that cursor" if before else ""))
+    else:
+        print(table(
+            ["ID", "FAILED", "ACTION", "STORE", "ORDER", "REASON", "TRIES", "ERROR", "REPLAYED"],
+            [[x.id, when(x.failed_at), x.action, x.order.get("store_id"),
+              x.order.get("order_external_id"), x.reason, len(x.attempts), x.error,
+              (x.replayed or {}).get("task_id", "")[:8] or None]
+             for x in letters], max_width=48))
+    if cursor:
+        shown = f"the newest {args.limit}" if len(letters) == args.limit else \
+            f"{len(letters)} found in the letters examined"
+        print(f"({shown}; older ones: --before {cursor})")
     return EXIT_OK
 
 
@@ -115,7 +127,8 @@ def cmd_dead_purge(args: argparse.Namespace) -> int:
     store = _dead_letters()
     cutoff = time.time() - args.older_than
     if args.dry_run:
-        count = len(store.redis.zrangebyscore(store.index_key, "-inf", cutoff))
+        store.trim()
+        count = int(store.redis.zcount(store.index_key, "-inf", cutoff))
         verb = "would delete"
     else:
         count = store.purge(cutoff)

@@ -210,14 +210,15 @@ def _latency_families(values: dict[str, float]) -> Iterator[Metric]:
 
 def read_gauges(client: redis.Redis, prefix: str, queue: str) -> dict[str, tuple[str, float]]:
     """The state gauges, by name: (help, value). ``mipos-worker doctor`` reads them too."""
-    from worker.deadletters import DeadLetters  # they count into these metrics
+    # Imported here: the dead letters count into these metrics (an import cycle otherwise).
+    from worker.deadletters import DeadLetters, expired_before
     from worker.inflight import InflightRegistry
 
     pipe = client.pipeline(transaction=False)
     pipe.llen(queue)
     pipe.hlen(UNACKED_KEY)
     pipe.hlen(InflightRegistry(client, prefix).entries_key)
-    pipe.zcard(DeadLetters(client, prefix).index_key)
+    pipe.zcount(DeadLetters(client, prefix).index_key, f"({expired_before()}", "+inf")
     pipe.get(prefix + STATE_KEY)
     pipe.zcard(prefix + WAITING_KEY)
     queued, unacked, inflight, dead, breaker, held = pipe.execute()

@@ -60,7 +60,7 @@ def describe_order(client: redis.Redis, key_prefix: str, store_id: str,
     task_ids += [letter.task_id for letter in letters if letter.task_id not in task_ids]
     if not task_ids and done is None:
         return None
-    held = {_text(i) for i in client.zrange(key_prefix + WAITING_KEY, 0, -1)}
+    held = _held_by_breaker(client, key_prefix, task_ids)
     entries = {task_id: inflight.entry(task_id) for task_id in task_ids}
     tasks = [_task_status(task_id, entries[task_id], ledger, letters, held, done)
              for task_id in task_ids]
@@ -95,6 +95,14 @@ def _task_status(task_id: str, entry: InflightEntry | None, ledger: OrderLedger,
     return TaskStatus(task_id=task_id, action=action, final=entry is None,
                       next_attempt_at=next_at, held_by_breaker=task_id in held,
                       attempts=attempts, replay_of=replay_of)
+
+
+def _held_by_breaker(client: redis.Redis, key_prefix: str, task_ids: list[str]) -> set[str]:
+    """Which of the order's tasks wait in the breaker's set (one ZSCORE each, not the set)."""
+    pipe = client.pipeline(transaction=False)
+    for task_id in task_ids:
+        pipe.zscore(key_prefix + WAITING_KEY, task_id)
+    return {task_id for task_id, score in zip(task_ids, pipe.execute()) if score is not None}
 
 
 def _delivery_id(entries: dict[str, InflightEntry | None], letters: list[DeadLetter]) -> str | None:
@@ -141,6 +149,3 @@ def _in(at: float | None) -> str:
     wait = at - time.time()
     return "due now" if wait <= 0 else f"in {wait:.1f}s (at {_when(at)})"
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

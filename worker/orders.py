@@ -6,6 +6,7 @@ worker for messages that another producer sent by name.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -26,8 +27,14 @@ ORDER_FIELDS = ("delivery_id", "store_id", "order_external_id")
 
 
 def order_key(store_id: Any, order_external_id: Any) -> str:
-    """Identifies an order at mipos: one store's external id (also in Redis key names)."""
-    return f"{store_id}/{order_external_id}"
+    """Identifies an order at mipos: one store's external id (also in Redis key names).
+
+    ``store/order``, with ``%`` and ``/`` in the store id percent-escaped: the
+    first ``/`` always ends the store id, so no two orders share a key (ids may
+    contain ``/``), and the key of an ordinary store id is the plain join.
+    """
+    store = str(store_id).replace("%", "%25").replace("/", "%2F")
+    return f"{store}/{order_external_id}"
 
 
 @dataclass(frozen=True)
@@ -69,12 +76,26 @@ def _as_id(field: str, value: Any) -> str:
     if isinstance(value, str):
         if not value.strip():
             raise InvalidOrder(field, "must not be empty")
+        _refuse_unprintable(field, value.strip())
         return value.strip()
     if value is None:
         raise InvalidOrder(field, "is required")
     raise InvalidOrder(
         field, f"must be a non-empty string or an integer, got {type(value).__name__}"
     )
+
+
+def _refuse_unprintable(field: str, value: str) -> None:
+    """Control characters (NUL, newlines, terminal escapes) and lone surrogates make an id
+    that logs, terminals and Redis keys cannot carry faithfully; mipos ids never hold them."""
+    for position, char in enumerate(value):
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise InvalidOrder(field, f"must not contain a control character "
+                                      f"(U+{ord(char):04X} at position {position})")
+        if category == "Cs":
+            raise InvalidOrder(field, f"must not contain a lone surrogate "
+                                      f"(U+{ord(char):04X} at position {position})")
 
 
 def parse_order_request(action: Action, arguments: dict[str, Any]) -> OrderRequest:
