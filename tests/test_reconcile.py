@@ -129,3 +129,37 @@ def test_a_dead_lettered_order_mipos_still_lists_is_reported_as_such(
     [report] = events(cluster, "order_pending_after_failure", order_external_id=order_id)
     assert report["fail_reason"] == "permanent" and report["error"] == "Order not found."
     assert events(cluster, "order_unacknowledged", order_external_id=order_id) == []
+
+
+def test_resends_come_from_the_ledger_and_one_odd_item_spoils_nothing(
+        make_cluster: ClusterFactory, tasks: ModuleType) -> None:
+    """Issue 11, item 10: a null delivery_id used to be sent as "None", a missing one
+    aborted the sweep for every later store, and a resend in flight was enqueued again
+    on every sweep."""
+    cluster = make_cluster(**{**RECONCILE_ENV, "MIPOS_RECONCILE_STORES": f"{STORE},10"})
+    with_null, without, lost = new_order_id(), new_order_id(), new_order_id()
+    for delivery_id, order_id in ((21, with_null), (22, without)):
+        tasks.accept_order.delay(delivery_id=delivery_id, store_id=STORE, order_external_id=order_id)
+        cluster.wait_final(order_id)
+    cluster.control.deliver("10", 23, lost, created_at=time.time() - 300)  # never enqueued
+    # mipos forgot both acceptances, and lists them oddly.
+    listed = [{"external_id": with_null, "store_id": STORE, "delivery_id": None},
+              {"external_id": without, "store_id": STORE},
+              {"external_id": None, "delivery_id": 5}, "not an order"]
+    cluster.control.add_call_faults(f"pending:{STORE}", {
+        "status": 200, "body": {"message": "Orders.", "data": listed}, "times": -1})
+    # The resend of one of them keeps failing: it stays in flight across sweeps.
+    cluster.control.add_faults(with_null, {"status": 500, "times": -1})
+    time.sleep(1.1)  # the grace period (1 s) of the recorded acceptances must pass
+
+    for sweep in (1, 2):
+        sweep_now()
+        wait_for(lambda: len(events(cluster, "reconcile_finished")) >= sweep, timeout=20,
+                 what=f"sweep {sweep}")
+    assert [r["delivery_id"] for r in events(cluster, "reconcile_resend", order_external_id=with_null)] == ["21"]
+    assert [r["delivery_id"] for r in events(cluster, "reconcile_resend", order_external_id=without)] == ["22"]
+    assert events(cluster, "order_unacknowledged", order_external_id=lost)  # store 10 was swept
+    resent = [r for r in cluster.control.requests(order_external_id=with_null) if r["path"] == ACCEPT_PATH]
+    assert resent and {r["body"]["delivery_id"] for r in resent} == {"21"}
+    skipped = [x for x in cluster.lines() if x.get("event") == "pending_item_skipped"]
+    assert len(skipped) >= 2
