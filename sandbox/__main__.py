@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay of every API answer")
     parser.add_argument("--expires-in-format", choices=("absolute", "relative", "missing"),
                         default="absolute", help="how `expires_in` is written")
+    parser.add_argument("--expires-in-fixed", default=None, metavar="TEXT",
+                        help="every token answer's expires_in is exactly this "
+                             "(e.g. the documented 1585815796)")
     parser.add_argument("--timeout-delay-s", type=float, default=15.0,
                         help="how long a 'timeout' fault holds the answer (default 15)")
     parser.add_argument("--fault-rate", type=_fault_rate, action="append", default=[],
@@ -56,6 +59,7 @@ def serve(options: argparse.Namespace) -> int:
         expires_in_format=options.expires_in_format,
         fault_rates=fault_rates,
         timeout_delay_s=options.timeout_delay_s,
+        expires_in_fixed=options.expires_in_fixed,
         credentials=dict(SANDBOX_CREDENTIALS),
     )
     try:

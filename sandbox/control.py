@@ -46,8 +46,8 @@ class SandboxControl:
         self._call("POST", "reset", body={})
 
     def config(self, **settings: Any) -> dict[str, Any]:
-        """Change any of token_ttl_s, latency_ms, expires_in_format, fault_rates,
-        timeout_delay_s; returns the whole config."""
+        """Change any of token_ttl_s, latency_ms, expires_in_format, expires_in_fixed,
+        fault_rates, timeout_delay_s; returns the whole config."""
         return dict(self._call("POST", "config", body=settings))
 
     def expire_token(self) -> None:
@@ -56,6 +56,14 @@ class SandboxControl:
     def add_faults(self, order_external_id: str, *faults: dict[str, Any]) -> None:
         self._call("POST", "faults", body={"order_external_id": order_external_id,
                                            "faults": list(faults)})
+
+    def add_call_faults(self, target: str, *faults: dict[str, Any]) -> None:
+        """Faults for a target: ``token``, ``refresh``, ``pending:<store_id>`` or
+        ``order:<order_external_id>`` (see sandbox/server.py)."""
+        self._call("POST", "faults", body={"target": target, "faults": list(faults)})
+
+    def clear_call_faults(self, target: str) -> None:
+        self._call("POST", "faults", body={"target": target, "faults": [], "replace": True})
 
     def clear_faults(self, order_external_id: str) -> None:
         """Drop the faults still waiting for an order (the cause is fixed)."""

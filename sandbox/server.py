@@ -5,8 +5,23 @@ current token (even an expired one) and never rotates it; refresh rotates and
 kills the old token at once; a refresh with a token that is no longer current
 answers ``Token Mismatch.``; ``expires_in`` is a string holding a Unix time.
 
-Control endpoints under ``/_sandbox/`` let tests and benchmarks program faults
-per order, read every request received, and change the token lifetime or latency.
+Control endpoints under ``/_sandbox/`` let tests and benchmarks program faults,
+read every request received, and change the token lifetime or latency.
+
+Faults (``POST /_sandbox/faults``) queue up per *target*, first in first out:
+
+- ``order:<order_external_id>`` (or the body field ``order_external_id``): the
+  accept and deny calls of that order, taken only with a valid token;
+- ``token``: the token call; ``refresh``: the refresh call;
+- ``pending:<store_id>``: the pending list of that store, taken only with a valid token.
+
+A fault is an object with any of: ``status`` (answer with it; ``body`` is the JSON
+to send, ``raw_body`` a non-JSON text, else a body typical of the status),
+``retry_after``, ``delay_s`` (hold the request first), ``drop`` (close without a
+word, nothing done), ``apply: false`` (do nothing, then drop), ``trickle_s`` (send
+the status line and headers, then the body one byte every ``trickle_s`` seconds),
+``reset`` (read the request, do it unless ``apply`` is false, then reset the
+connection: an RST, not a FIN), and ``times`` (how many requests it hits, -1: all).
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ import random
 import re
 import secrets
 import socket
+import struct
 import sys
 import threading
 import time
@@ -54,7 +70,8 @@ RANDOM_FAULTS: dict[str, dict[str, Any]] = {
     "drop": {"drop": True},
 }
 FAULT_KEYS = {"status", "message", "body", "raw_body", "retry_after", "delay_s", "drop",
-              "times", "apply"}
+              "times", "apply", "trickle_s", "reset"}
+CALL_TARGETS = ("token", "refresh")  # fault targets besides order:<id> and pending:<store_id>
 
 Json = Any
 Answer = tuple[int, Json]
@@ -68,6 +85,7 @@ class SandboxConfig:
     fault_rates: dict[str, float] = field(default_factory=dict)
     timeout_delay_s: float = 15.0
     credentials: dict[str, str] = field(default_factory=dict)
+    expires_in_fixed: str | None = None  # when set, every token answer says exactly this
 
     def copy(self) -> SandboxConfig:
         return SandboxConfig(**{**asdict(self), "fault_rates": dict(self.fault_rates),
@@ -147,12 +165,28 @@ def fault_problem(fault: Any) -> str | None:
         return "times must be a positive integer or -1"
     if "status" in fault and (not isinstance(fault["status"], int) or not 100 <= fault["status"] <= 599):
         return "status must be an integer HTTP status"
-    for key in ("delay_s", "retry_after"):
-        if key in fault and (not isinstance(fault[key], (int, float)) or fault[key] < 0):
+    for key in ("delay_s", "retry_after", "trickle_s"):
+        if key in fault and (not _is_number(fault[key]) or fault[key] < 0):
             return f"{key} must be a non-negative number"
     if "raw_body" in fault and not isinstance(fault["raw_body"], str):
         return "raw_body must be a string"
+    for key in ("reset", "drop", "apply"):
+        if key in fault and not isinstance(fault[key], bool):
+            return f"{key} must be true or false"
+    if fault.get("reset") and (fault.get("drop") or "status" in fault):
+        return "reset goes with neither drop nor status (it answers nothing)"
     return None
+
+
+def target_problem(target: Any) -> str | None:
+    """Why a fault target is unusable, or None when it is fine."""
+    if not isinstance(target, str):
+        return "target must be a string"
+    kind, _, rest = target.partition(":")
+    if target in CALL_TARGETS or (kind in ("order", "pending") and rest):
+        return None
+    return (f"unknown fault target {target!r}: use order:<order_external_id>, "
+            f"{', '.join(CALL_TARGETS)} or pending:<store_id>")
 
 
 def describe_fault(fault: dict[str, Any]) -> str:
@@ -250,7 +284,9 @@ class SandboxState:
 
     def _token_data(self, now: float) -> dict[str, Any]:
         data: dict[str, Any] = {"token": self.token, "token_type": "bearer"}
-        if self.config.expires_in_format == "absolute":
+        if self.config.expires_in_fixed is not None:
+            data["expires_in"] = self.config.expires_in_fixed
+        elif self.config.expires_in_format == "absolute":
             data["expires_in"] = str(int(self.token_expires_at))
         elif self.config.expires_in_format == "relative":
             data["expires_in"] = str(max(0, int(self.token_expires_at - now)))
@@ -304,14 +340,17 @@ class SandboxState:
         with self.lock:
             self.counters["deny_calls" if deny else "accept_calls"] += 1
             valid = self._token_valid(authorization, now)
-            fault = self._take_fault(str(body.get("order_external_id") or "")) if valid else None
+            fault = self._take_order_fault(str(body.get("order_external_id") or "")) if valid else None
             entry["token_valid"] = valid
             entry["fault"] = describe_fault(fault) if fault else None
             self._record(entry)
             return OrderCall(entry, valid, fault)
 
-    def _take_fault(self, order_external_id: str) -> dict[str, Any] | None:
-        queue = self.faults.get(order_external_id)
+    def _take_order_fault(self, order_external_id: str) -> dict[str, Any] | None:
+        return self._take_fault(f"order:{order_external_id}") or self._random_fault()
+
+    def _take_fault(self, target: str) -> dict[str, Any] | None:
+        queue = self.faults.get(target)
         if queue:
             fault = dict(queue[0])
             times = int(queue[0].get("times", 1))
@@ -320,7 +359,19 @@ class SandboxState:
             elif times > 1:
                 queue[0]["times"] = times - 1
             return fault
-        return self._random_fault()
+        return None
+
+    def begin_call(self, target: str, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """Take the fault of a token, refresh or pending-list call, and record the call."""
+        with self.lock:
+            fault = self._take_fault(target)
+            entry["fault"] = describe_fault(fault) if fault else None
+            self._record(entry)
+            return fault
+
+    def token_valid(self, authorization: str | None, now: float) -> bool:
+        with self.lock:
+            return self._token_valid(authorization, now)
 
     def _random_fault(self) -> dict[str, Any] | None:
         for name, rate in self.config.fault_rates.items():
@@ -350,12 +401,8 @@ class SandboxState:
             self.pending.pop(key, None)
         return 200, SUCCESS
 
-    def pending_call(self, store_id: str, authorization: str | None, entry: dict[str, Any],
-                     now: float) -> Answer:
+    def pending_call(self, store_id: str, now: float) -> Answer:
         with self.lock:
-            entry["token_valid"] = self._token_valid(authorization, now)
-            if not entry["token_valid"]:
-                return 401, UNAUTHORIZED
             if not store_id:
                 return conflict("store_id is required.")
             if store_id not in self.stores:
@@ -376,8 +423,8 @@ class SandboxState:
             for key, value in changes.items():
                 if key == "fault_rates":
                     self.config.fault_rates = {k: float(v) for k, v in value.items()}
-                elif key == "expires_in_format":
-                    self.config.expires_in_format = value
+                elif key in ("expires_in_format", "expires_in_fixed"):
+                    setattr(self.config, key, value)
                 else:
                     setattr(self.config, key, float(value))
             return 200, self.config.public()
@@ -386,13 +433,12 @@ class SandboxState:
         with self.lock:
             self.token_expires_at = min(self.token_expires_at, time.time())
 
-    def add_faults(self, order_external_id: str, faults: list[dict[str, Any]],
-                   replace: bool = False) -> None:
+    def add_faults(self, target: str, faults: list[dict[str, Any]], replace: bool = False) -> None:
         with self.lock:
             if replace:
-                self.faults.pop(order_external_id, None)
+                self.faults.pop(target, None)
             if faults:
-                self.faults.setdefault(order_external_id, deque()).extend(dict(f) for f in faults)
+                self.faults.setdefault(target, deque()).extend(dict(f) for f in faults)
 
     def deliver(self, order: dict[str, Any]) -> None:
         with self.lock:
@@ -436,6 +482,9 @@ def config_problem(changes: dict[str, Any]) -> str | None:
         elif key == "expires_in_format":
             if value not in EXPIRES_IN_FORMATS:
                 return f"expires_in_format must be one of {', '.join(EXPIRES_IN_FORMATS)}"
+        elif key == "expires_in_fixed":
+            if value is not None and not isinstance(value, str):
+                return "expires_in_fixed must be a string (what expires_in says) or null"
         elif key == "fault_rates":
             if not isinstance(value, dict):
                 return "fault_rates must be an object"
@@ -494,14 +543,19 @@ def control_expire_token(state: SandboxState, query: Query, body: dict[str, Any]
 
 
 def control_faults(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    """``{"order_external_id": ..., "faults": [...]}`` or ``{"target": ..., "faults": [...]}``."""
     order_id, faults = body.get("order_external_id"), body.get("faults")
-    if not isinstance(order_id, str) or not order_id or not isinstance(faults, list):
-        return 400, {"error": "need order_external_id (string) and faults (list)"}
+    target = f"order:{order_id}" if isinstance(order_id, str) and order_id else body.get("target")
+    if not isinstance(faults, list) or (target is None and "target" not in body):
+        return 400, {"error": "need order_external_id (string) or target, and faults (list)"}
+    problem = target_problem(target)
+    if problem or not isinstance(target, str):
+        return 400, {"error": problem}
     for fault in faults:
         problem = fault_problem(fault)
         if problem:
             return 400, {"error": problem, "fault": fault}
-    state.add_faults(order_id, faults, replace=body.get("replace") is True)
+    state.add_faults(target, faults, replace=body.get("replace") is True)
     return 200, {"ok": True}
 
 
@@ -579,7 +633,7 @@ class Handler(BaseHTTPRequestHandler):
             return raw.decode(errors="replace")
 
     def _send(self, status: int, body: Json = None, *, raw: str | None = None,
-              headers: dict[str, str] | None = None) -> None:
+              headers: dict[str, str] | None = None, trickle_s: float = 0.0) -> None:
         payload = raw.encode() if raw is not None else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/html; charset=UTF-8" if raw is not None
@@ -588,19 +642,38 @@ class Handler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if trickle_s <= 0:
             self.wfile.write(payload)
+            return
+        self.close_connection = True  # whatever the client makes of it, this one is done
+        for index in range(len(payload)):
+            self.wfile.write(payload[index:index + 1])
+            if index + 1 < len(payload):
+                time.sleep(trickle_s)
 
     def _answer(self, entry: dict[str, Any], status: int, body: Json = None, *,
-                raw: str | None = None, headers: dict[str, str] | None = None) -> None:
+                raw: str | None = None, headers: dict[str, str] | None = None,
+                trickle_s: float = 0.0) -> None:
         self.state.set_status(entry, status)  # before writing: the client may ask at once
-        self._send(status, body, raw=raw, headers=headers)
+        self._send(status, body, raw=raw, headers=headers, trickle_s=trickle_s)
 
     def _drop(self) -> None:
         """Close the connection without a word; the client sees it closed at once."""
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _reset(self) -> None:
+        """Abort the connection: with SO_LINGER 0, closing sends an RST (not a FIN)."""
+        self.close_connection = True
+        try:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.rfile.close()  # it holds the socket open: the last close is the real one
+            self.connection.close()
         except OSError:
             pass
 
@@ -641,18 +714,24 @@ class Handler(BaseHTTPRequestHandler):
         orders_match = ORDERS_PATH.match(path)
         if self.command == "POST" and path in (ACCEPT_PATH, DENY_PATH):
             self._order_call(path == DENY_PATH, fields, auth, entry, now)
-            return
-        if self.command == "POST" and path == TOKEN_PATH:
-            status, payload = self.state.token_call(fields, now)
+        elif self.command == "POST" and path == TOKEN_PATH:
+            fault = self.state.begin_call("token", entry)
+            self._with_fault(entry, fault, lambda: self.state.token_call(fields, now))
         elif self.command == "POST" and path == REFRESH_PATH:
-            status, payload = self.state.refresh_call(fields, auth, now)
+            fault = self.state.begin_call("refresh", entry)
+            self._with_fault(entry, fault, lambda: self.state.refresh_call(fields, auth, now))
         elif self.command == "GET" and orders_match:
             store_id = unquote(orders_match["store_id"] or "")
-            status, payload = self.state.pending_call(store_id, auth, entry, now)
+            entry["token_valid"] = self.state.token_valid(auth, now)
+            if not entry["token_valid"]:
+                self.state.record(entry)
+                self._answer(entry, 401, UNAUTHORIZED)
+                return
+            fault = self.state.begin_call(f"pending:{store_id}", entry)
+            self._with_fault(entry, fault, lambda: self.state.pending_call(store_id, now))
         else:
-            status, payload = 404, {"message": "Not Found."}
-        self.state.record(entry)
-        self._answer(entry, status, payload)
+            self.state.record(entry)
+            self._answer(entry, 404, {"message": "Not Found."})
 
     def _order_call(self, deny: bool, body: dict[str, Any], auth: str | None,
                     entry: dict[str, Any], now: float) -> None:
@@ -660,21 +739,34 @@ class Handler(BaseHTTPRequestHandler):
         if not call.token_valid:
             self._answer(entry, 401, UNAUTHORIZED)
             return
-        fault = call.fault or {}
+        self._with_fault(entry, call.fault, lambda: self.state.apply_order(deny, body))
+
+    def _with_fault(self, entry: dict[str, Any], fault: dict[str, Any] | None,
+                    run: Callable[[], Answer]) -> None:
+        """Answer a mipos call, through its fault if it has one (see the module docstring)."""
+        fault = fault or {}
         if fault.get("delay_s"):
             time.sleep(float(fault["delay_s"]))
         if fault.get("drop"):
             self._drop()
             return
+        trickle_s = float(fault.get("trickle_s") or 0.0)
         if fault.get("status") is not None:
             status, payload, raw = fault_answer(fault)
-            self._answer(entry, status, payload, raw=raw, headers=retry_after_header(fault))
+            self._answer(entry, status, payload, raw=raw, headers=retry_after_header(fault),
+                         trickle_s=trickle_s)
             return
-        if fault.get("apply") is False:
+        applies = fault.get("apply") is not False
+        if fault.get("reset"):
+            if applies:
+                run()
+            self._reset()  # mipos may have done it; the client only sees the reset
+            return
+        if not applies:
             self._drop()  # mipos did not do it, and the client has stopped waiting
             return
-        status, payload = self.state.apply_order(deny, body)
-        self._answer(entry, status, payload)
+        status, payload = run()
+        self._answer(entry, status, payload, trickle_s=trickle_s)
 
 
 def retry_after_header(fault: dict[str, Any]) -> dict[str, str]:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
+import urllib3
 
-from worker.errors import Answer, ErrorClass, classify, parse_retry_after
+from worker.errors import (
+    RETRY_AFTER_MAX_S,
+    Answer,
+    ErrorClass,
+    classify,
+    parse_retry_after,
+)
 
 T, A, P = ErrorClass.TRANSIENT, ErrorClass.AUTH, ErrorClass.PERMANENT
 
@@ -66,10 +75,32 @@ def test_no_answer_is_transient(exc: Exception) -> None:
     assert type(exc).__name__ in (verdict.error or "")
 
 
-def test_only_a_read_timeout_leaves_the_outcome_unknown() -> None:
-    assert Answer.from_exception(requests.ReadTimeout("x"), 1.0).outcome_unknown
-    assert not Answer.from_exception(requests.ConnectTimeout("x"), 1.0).outcome_unknown
-    assert not Answer.from_exception(requests.ConnectionError("x"), 1.0).outcome_unknown
+def _wrapped(reason: Exception) -> requests.ConnectionError:
+    """As requests raises it: ConnectionError(MaxRetryError(reason=...))."""
+    return requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/x", reason))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("exc", "unknown"),
+    [
+        (requests.ReadTimeout("x"), True),
+        (requests.exceptions.ChunkedEncodingError("x"), True),
+        (_wrapped(urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError())), True),
+        (requests.ConnectionError("no detail: it may have been sent"), True),
+        (requests.ConnectTimeout("x"), False),
+        (_wrapped(urllib3.exceptions.NewConnectionError(None, "refused")), False),  # type: ignore[arg-type]
+        (_wrapped(urllib3.exceptions.NameResolutionError("h", None, OSError())), False),  # type: ignore[arg-type]
+    ],
+    ids=["read-timeout", "chunked", "reset", "bare", "connect-timeout", "refused", "dns"],
+)
+def test_outcome_unknown_by_exception(exc: Exception, unknown: bool) -> None:
+    """Without the client's own record of whether it sent, the exception decides."""
+    assert Answer.from_exception(exc, 1.0).outcome_unknown is unknown
+
+
+def test_the_clients_record_of_sending_wins() -> None:
+    assert Answer.from_exception(requests.ConnectionError("x"), 1.0, sent=False).outcome_unknown is False
+    assert Answer.from_exception(requests.ConnectTimeout("x"), 1.0, sent=True).outcome_unknown is True
 
 
 def test_unknown_409_keeps_the_raw_message() -> None:
@@ -91,3 +122,23 @@ def test_retry_after(header: str | None, seconds: float | None) -> None:
 
 def test_retry_after_http_date() -> None:
     assert parse_retry_after("Sun, 29 Nov 2026 10:00:30 GMT", now=1795946400.0) == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("zone", ["-0000", "GMT", "+0000", "UTC"])
+def test_retry_after_http_date_is_utc_whatever_the_local_zone(
+        monkeypatch: pytest.MonkeyPatch, zone: str) -> None:
+    """RFC 9110: an HTTP date is UTC; email.utils reads -0000 as "no zone" (naive, local)."""
+    monkeypatch.setenv("TZ", "America/Sao_Paulo")
+    time.tzset()
+    try:
+        assert parse_retry_after(f"Sun, 29 Nov 2026 10:01:00 {zone}",
+                                 now=1795946400.0) == pytest.approx(60.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_retry_after_is_capped() -> None:
+    assert parse_retry_after("1e308") == RETRY_AFTER_MAX_S
+    assert parse_retry_after("Sun, 29 Nov 2126 10:00:00 GMT", now=1795946400.0) == RETRY_AFTER_MAX_S
+    assert parse_retry_after("Sun, 29 Nov 2020 10:00:00 GMT", now=1795946400.0) == 0.0

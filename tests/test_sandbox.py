@@ -554,7 +554,7 @@ def test_reset_forgets_everything(api: Api, control: SandboxControl) -> None:
                                "denied_orders": 0, "current_token_expires_at": None}
     assert control.config() == {"token_ttl_s": 3600.0, "latency_ms": 0.0,
                                 "expires_in_format": "absolute", "fault_rates": {},
-                                "timeout_delay_s": 15.0}
+                                "timeout_delay_s": 15.0, "expires_in_fixed": None}
     fresh = api.token()
     assert fresh != token and api.accept(fresh, order_id).status_code == 200
     assert api.pending("3", fresh).status_code == 200  # the store is known again by the accept
@@ -580,3 +580,116 @@ def test_sigterm_stops_it_cleanly() -> None:
     proc, url = start_sandbox()
     assert SandboxControl(url, timeout=TIMEOUT).health()
     assert stop_sandbox(proc) == 0
+
+
+# -- faults on the token, refresh and pending-list calls; trickled bodies; resets --------
+
+
+def test_faults_on_the_token_refresh_and_pending_calls(api: Api, control: SandboxControl) -> None:
+    control.add_call_faults("token", {"status": 500, "body": {"message": [1, None]}})
+    hostile = api.token_response()
+    assert (hostile.status_code, hostile.json()) == (500, {"message": [1, None]})
+    token = api.token()  # the fault was used up
+
+    control.add_call_faults("refresh", {"status": 503, "raw_body": "down"})
+    refused = api.refresh_response(token)
+    assert (refused.status_code, refused.text) == (503, "down")
+    assert control.stats()["rotations"] == 0  # the fault answered instead of mipos
+
+    order_id = new_id()
+    control.deliver("3", 1, order_id)
+    control.add_call_faults("pending:3", {"status": 422, "body": None})
+    assert api.pending("4", token).status_code == 409  # another store: no fault, unknown store
+    answer = api.pending("3", token)
+    assert (answer.status_code, answer.json()) == (422, None)
+    assert [o["external_id"] for o in api.pending("3", token).json()["data"]] == [order_id]
+
+    [first_token, _] = control.requests(path=TOKEN)
+    assert first_token["status"] == 500 and first_token["fault"].startswith("status=500")
+    assert control.requests(path="/api/v1/orders/3")[0]["fault"].startswith("status=422")
+
+
+def test_pending_faults_need_a_valid_token(api: Api, control: SandboxControl) -> None:
+    token = api.token()
+    control.deliver("3", 1, new_id())
+    control.add_call_faults("pending:3", {"status": 500})
+    assert api.pending("3", "not-a-token").status_code == 401  # auth first, the fault is kept
+    assert api.pending("3", token).status_code == 500
+
+
+def test_bad_fault_targets_are_refused(control: SandboxControl) -> None:
+    for target in ("nope", "pending:", "", "order:"):
+        with pytest.raises(requests.HTTPError):
+            control.add_call_faults(target, {"status": 500})
+    for fault in ({"trickle_s": -1}, {"reset": "yes"}, {"reset": True, "drop": True},
+                  {"reset": True, "status": 500}):
+        with pytest.raises(requests.HTTPError):
+            control.add_faults(new_id(), fault)
+
+
+def test_order_target_is_the_same_as_order_external_id(api: Api, control: SandboxControl) -> None:
+    token = api.token()
+    order_id = new_id()
+    control.add_call_faults(f"order:{order_id}", {"status": 503})
+    assert api.accept(token, order_id).status_code == 503
+    assert api.accept(token, order_id).status_code == 200
+
+
+def test_trickled_body(api: Api, control: SandboxControl) -> None:
+    token = api.token()
+    order_id = new_id()
+    control.add_faults(order_id, {"trickle_s": 0.02})
+    started = time.monotonic()
+    response = requests.post(api.base_url + ACCEPT, json={"delivery_id": "7", "store_id": "3",
+                                                          "order_external_id": order_id},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT,
+                             stream=True)
+    assert response.status_code == 200  # status and headers come at once
+    body = response.content  # then one byte every 0.02 s
+    assert time.monotonic() - started >= 0.02 * (len(body) - 1)
+    assert response.json() == {"message": ["Operation completed successfully"], "data": None}
+    assert accepted(control, order_id) == 1
+    [entry] = control.requests(order_external_id=order_id)
+    assert entry["fault"] == "trickle_s=0.02" and entry["status"] == 200
+
+
+def test_trickled_fault_answer_on_the_token_call(api: Api, control: SandboxControl) -> None:
+    control.add_call_faults("token", {"status": 502, "raw_body": "<html>", "trickle_s": 0.01})
+    response = api.token_response()
+    assert (response.status_code, response.text) == (502, "<html>")
+
+
+def test_reset_after_the_body_was_read(api: Api, control: SandboxControl) -> None:
+    token = api.token()
+    applied, not_applied = new_id(), new_id()
+    control.add_faults(applied, {"reset": True})
+    control.add_faults(not_applied, {"reset": True, "apply": False})
+    for order_id in (applied, not_applied):
+        with pytest.raises(requests.ConnectionError, match="reset"):
+            api.accept(token, order_id)
+    assert accepted(control, applied) == 1  # mipos did it; the client only saw a reset
+    assert accepted(control, not_applied) == 0
+    [entry] = control.requests(order_external_id=applied)
+    assert entry["status"] is None and entry["fault"] == "reset=True"
+    assert api.accept(token, not_applied).status_code == 200
+
+
+def test_reset_after_a_token_call_that_minted(api: Api, control: SandboxControl) -> None:
+    control.add_call_faults("token", {"reset": True})
+    with pytest.raises(requests.ConnectionError, match="reset"):
+        api.token_response()
+    assert control.stats()["current_token_expires_at"] is not None  # the token was minted
+    assert api.token()
+
+
+def test_fixed_expires_in(api: Api, control: SandboxControl) -> None:
+    assert control.config(expires_in_fixed="1585815796")["expires_in_fixed"] == "1585815796"
+    assert api.token_response().json()["data"]["expires_in"] == "1585815796"
+    token = api.token()
+    assert api.accept(token, new_id()).status_code == 200  # the token lives by token_ttl_s
+    refreshed = api.refresh_response(token).json()["data"]
+    assert refreshed["expires_in"] == "1585815796"
+    control.config(expires_in_fixed=None)
+    assert api.token_response().json()["data"]["expires_in"] != "1585815796"
+    with pytest.raises(requests.HTTPError):
+        control.config(expires_in_fixed=5)

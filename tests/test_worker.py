@@ -145,6 +145,7 @@ def test_unable_to_get_token_three_times_then_success(cluster: Cluster, tasks: M
 def test_transient_then_success(cluster: Cluster, tasks: ModuleType, fault: dict[str, Any],
                                 error_part: str) -> None:
     args = order_args()
+    cluster.control.deliver("3", 41, args["order_external_id"])  # mipos lists it as pending
     cluster.control.add_faults(args["order_external_id"], fault)
     tasks.accept_order.delay(**args)
     lines = cluster.wait_final(args["order_external_id"])
@@ -153,6 +154,10 @@ def test_transient_then_success(cluster: Cluster, tasks: ModuleType, fault: dict
     assert error_part in lines[0]["error"] and lines[0]["error_class"] == "transient"
     assert_schedule(lines)
     assert len(mipos_requests(cluster, args["order_external_id"])) == 2
+    # A connection dropped after the request went out: mipos may have applied it.
+    dropped = "drop" in fault
+    assert lines[0].get("outcome_unknown", False) is dropped
+    assert lines[1].get("previous_outcome") == ("unknown" if dropped else None)
 
 
 def test_read_timeout_still_pending_is_sent_again_and_says_so(cluster: Cluster,

@@ -4,23 +4,38 @@ mipos's token call hands back the account's current token without rotating
 it; refresh rotates and kills the old token at once. So getting or renewing a
 token is single-flight across all processes: a Redis lock, one holder calls
 mipos, everyone else waits (bounded) for the new token to appear.
+
+A renewal makes at most ``RENEWAL_CALLS`` calls, each bounded by the client's
+``call_bound_s``: the lock outlives that with a margin, and a waiter waits no
+longer than the lock can be held, nor past its attempt's budget.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import redis
+import structlog
 
+from worker import budget
 from worker.errors import AuthError, MiposError, TransientError
 from worker.locks import release_lock
 from worker.metrics import Metrics
 from worker.mipos import MiposClient, TokenGrant
 from worker.redaction import register_secret
+
+logger = structlog.stdlib.get_logger("mipos.tokens")
+
+RENEWAL_CALLS = 3  # the most a renewal makes: refresh, token call, refresh (see _fetch)
+LOCK_MARGIN_S = 5.0  # Redis round trips and scheduling, beyond the calls themselves
+WAIT_MARGIN_S = 5.0  # a waiter gives the holder this long past the lock's life
+WARNED_TOKENS_KEPT = 64  # fingerprints of tokens already warned about, per process
 
 
 @dataclass(frozen=True)
@@ -56,8 +71,15 @@ class TokenStore:
         self.clock = clock
         self.poll_interval_s = poll_interval_s
         self.metrics = metrics
-        # A holder makes at most two calls (refresh, then the token call).
-        self.lock_ttl_s = 2 * 2 * client.settings.timeout_s + 5.0
+        self.lock_ttl_s = RENEWAL_CALLS * client.call_bound_s + LOCK_MARGIN_S
+        self._warned: OrderedDict[str, None] = OrderedDict()
+
+    def wait_limit_s(self) -> float:
+        """How long a worker waits for another's renewal: the lock's life and a
+        margin, and never past what is left of the attempt's budget."""
+        limit = self.lock_ttl_s + WAIT_MARGIN_S
+        left = budget.remaining_s()
+        return limit if left is None else max(0.0, min(limit, left))
 
     def current(self) -> str:
         """A token to send with; fetches or refreshes it when needed."""
@@ -78,11 +100,29 @@ class TokenStore:
         register_secret(stored.token)
         return stored
 
-    def _write(self, grant: TokenGrant) -> str:
+    def _write(self, grant: TokenGrant, stale: str | None = None) -> str:
         register_secret(grant.token)
-        stored = StoredToken(grant.token, grant.expires_at, grant.issued_at)
+        expires_at, ignored = grant.expires_at, grant.expiry_ignored
+        if expires_at is not None and grant.token == stale:
+            # mipos handed back the token we renewed: refreshing it ahead of its stated
+            # expiry once is enough (never more than one refresh per token).
+            expires_at = None
+            ignored = ("the renewed token came back unchanged: its expiry is treated as unknown, "
+                       "the token is used until mipos refuses it")
+        if ignored is not None:
+            self._warn_once(grant, ignored)
+        stored = StoredToken(grant.token, expires_at, grant.issued_at)
         self.redis.set(self.key, json.dumps(asdict(stored)))
         return grant.token
+
+    def _warn_once(self, grant: TokenGrant, reason: str) -> None:
+        fingerprint = hashlib.sha256(grant.token.encode()).hexdigest()
+        if fingerprint in self._warned:
+            return
+        self._warned[fingerprint] = None
+        while len(self._warned) > WARNED_TOKENS_KEPT:
+            self._warned.popitem(last=False)
+        logger.warning("token_expiry_ignored", expires_in=grant.expires_in_raw, reason=reason)
 
     def _usable_replacement(self, stale: str | None, force: bool) -> str | None:
         stored = self._read()
@@ -95,7 +135,8 @@ class TokenStore:
         return None
 
     def _renew(self, stale: str | None, force: bool = False) -> str:
-        give_up_at = time.monotonic() + self.lock_ttl_s + 5.0
+        wait_s = self.wait_limit_s()
+        give_up_at = time.monotonic() + wait_s
         lock_id = uuid.uuid4().hex
         while True:
             if self.redis.set(self.lock_key, lock_id, nx=True, px=int(self.lock_ttl_s * 1000)):
@@ -103,15 +144,18 @@ class TokenStore:
                     replacement = self._usable_replacement(stale, force)
                     if replacement is not None:
                         return replacement  # someone renewed it while we queued
-                    return self._write(self._fetch(self._read()))
+                    return self._write(self._fetch(self._read()), stale)
                 finally:
                     release_lock(self.redis, self.lock_key, lock_id)
             replacement = self._usable_replacement(stale, force)
             if replacement is not None:
                 return replacement
             if time.monotonic() > give_up_at:
+                if wait_s < self.lock_ttl_s + WAIT_MARGIN_S:
+                    raise TransientError("attempt time budget spent waiting for another "
+                                         "worker's token renewal")
                 raise TransientError("timed out waiting for another worker's token renewal")
-            time.sleep(self.poll_interval_s)
+            time.sleep(min(self.poll_interval_s, max(0.0, give_up_at - time.monotonic())))
 
     def _fetch(self, stored: StoredToken | None) -> TokenGrant:
         """Call mipos for a usable token; runs only under the lock."""
