@@ -47,7 +47,7 @@ WORKER_ENV = {
     "MIPOS_RETRY_MAX_DELAY_S": "1",
     "MIPOS_RETRY_MAX_ATTEMPTS": "40",
     "MIPOS_RETRY_DEADLINE_S": "600",
-    "MIPOS_VISIBILITY_TIMEOUT_S": "6",
+    "MIPOS_VISIBILITY_TIMEOUT_S": "20",  # the least MIPOS_TIMEOUT_S=1 allows (hop + attempt + margin)
     "WORKER_CONCURRENCY": "4",
     "LOG_FORMAT": "json",
     "LOG_LEVEL": "INFO",

@@ -101,13 +101,16 @@ class RedisServer:
             start_new_session=True,
         )
         auth = f":{password}@" if password else ""
-        if tls_dir is not None:
-            self.url = (f"rediss://{auth}127.0.0.1:{self.port}/0"
-                        f"?ssl_cert_reqs=required&ssl_ca_certs={tls_dir / 'ca.crt'}")
+        if tls_dir is not None:  # no ssl_cert_reqs: rediss:// verifies by default, against ssl_ca_certs
+            self.url = f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={tls_dir / 'ca.crt'}"
         else:
             self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.client = redis.Redis.from_url(self.url, socket_timeout=5)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # a server that never answered must not outlive the test
+            raise
 
     def start(self) -> None:
         """(Re)start the server with the same port and data directory."""

@@ -22,15 +22,15 @@ def open_redis() -> tuple[redis.Redis, str]:
 
 
 def id_argument(kind: str) -> Callable[[str], str]:
-    """An argparse type for store and order ids: non-empty, printable, no spaces or '/'."""
+    """An argparse type for store and order ids: non-empty, printable, no spaces."""
     def parse(text: str) -> str:
         value = text.strip()
         if not value:
             raise argparse.ArgumentTypeError(f"{kind} must not be empty")
-        if len(value) > 200 or any(c.isspace() or not c.isprintable() or c == "/" for c in value):
+        if len(value) > 200 or any(c.isspace() or not c.isprintable() for c in value):
             raise argparse.ArgumentTypeError(
                 f"{kind} {text[:40]!r} is malformed (at most 200 printable characters, "
-                "no spaces or '/')")
+                "no spaces)")
         return value
     return parse
 

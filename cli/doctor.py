@@ -21,13 +21,18 @@ from config import (
     SettingsError,
     WorkerSettings,
     load_producer_settings,
-    load_worker_settings,
+    ssl_cert_reqs,
     url_without_password,
 )
-from worker.delivery import QUEUE
+from worker.delivery import (
+    QUEUE,
+    broker_settings_problems,
+    load_checked_worker_settings,
+)
 from worker.errors import MiposError
 from worker.metrics import read_gauges
 from worker.orders import order_key
+from worker.stamps import stamps_of
 
 Status = Literal["ok", "warn", "fail", "skipped"]
 
@@ -50,7 +55,7 @@ def run_checks(options: DoctorOptions) -> list[Check]:
     checks: list[Check] = []
     worker_settings: WorkerSettings | None = None
     try:
-        worker_settings = load_worker_settings()
+        worker_settings = load_checked_worker_settings()
         redis_settings = worker_settings.redis
         checks.append(Check("settings", "ok", "every worker setting is present and valid"))
     except SettingsError as exc:
@@ -73,7 +78,14 @@ def run_checks(options: DoctorOptions) -> list[Check]:
             checks.append(Check(name, "skipped", "Redis cannot be reached"))
         return checks
     prefix = redis_settings.key_prefix
-    checks.append(_workers_check(redis_settings.url, options.ping_timeout_s))
+    broker_problems = broker_settings_problems()
+    if broker_problems:
+        # A ping consumes replies, and a consuming connection re-queues what workers hold
+        # longer than its own visibility timeout: without the workers' value, do not ping.
+        checks.append(Check("workers", "skipped", "no ping without a valid visibility timeout: "
+                            + "; ".join(broker_problems)))
+    else:
+        checks.append(_workers_check(redis_settings.url, options.ping_timeout_s))
     gauges = {name: value for name, (_help, value) in read_gauges(client, prefix, QUEUE).items()}
     checks.extend(_queue_checks(client, gauges, options.max_wait_s))
     checks.append(_dead_letters_check(client, prefix))
@@ -99,9 +111,25 @@ def _redis_check(settings: RedisSettings, checks: list[Check]) -> redis.Redis | 
         return None
     checks.append(Check("redis", "ok", f"{where} answered in {seconds(elapsed)} "
                                        f"(Redis {info.get('redis_version', '?')})"))
+    tls = _tls_check(settings.url)
+    if tls is not None:
+        checks.append(tls)
     checks.append(_persistence_check(client))
     checks.append(_eviction_check(client))
     return client
+
+
+def _tls_check(url: str) -> Check | None:
+    """How REDIS_URL's TLS is checked: a rediss:// URL verifies unless told not to."""
+    wanted = ssl_cert_reqs(url)
+    if wanted is None:
+        return None
+    if wanted == "none":
+        return Check("redis tls", "warn", "ssl_cert_reqs=none in REDIS_URL: the server's certificate "
+                     "is not checked, so anyone on the path can read the orders and the Redis password; "
+                     "remove it (and add ssl_ca_certs=/path/ca.crt for a private CA)")
+    ca = "the CA in ssl_ca_certs" if "ssl_ca_certs=" in url else "the system's CA store"
+    return Check("redis tls", "ok", f"TLS, the server's certificate checked against {ca}")
 
 
 def _persistence_check(client: redis.Redis) -> Check:
@@ -180,7 +208,9 @@ def _queue_checks(client: redis.Redis, gauges: dict[str, float], max_wait_s: flo
     if oldest is None:
         checks.append(Check("oldest waiting", "ok", "nothing waiting"))
         return checks
-    age, order = _message_age(oldest if isinstance(oldest, bytes) else str(oldest).encode())
+    seconds_now, micros = client.time()  # the stamps are on Redis's clock (worker/clock.py)
+    age, order = _message_age(oldest if isinstance(oldest, bytes) else str(oldest).encode(),
+                              now=float(seconds_now) + float(micros) / 1e6)
     if age is None:
         checks.append(Check("oldest waiting", "ok", f"cannot tell the age of {order}"))
     elif age > max_wait_s:
@@ -191,7 +221,7 @@ def _queue_checks(client: redis.Redis, gauges: dict[str, float], max_wait_s: flo
     return checks
 
 
-def _message_age(raw: bytes) -> tuple[float | None, str]:
+def _message_age(raw: bytes, now: float) -> tuple[float | None, str]:
     """How long the order of a queued Celery message has waited since it was enqueued."""
     try:
         message = json.loads(raw)
@@ -199,9 +229,9 @@ def _message_age(raw: bytes) -> tuple[float | None, str]:
         kwargs: dict[str, Any] = body[1]
         label = (f"{message['headers'].get('task')} for order "
                  f"{order_key(kwargs.get('store_id'), kwargs.get('order_external_id'))}")
-        not_before = kwargs.get("not_before")
-        since = max(float(kwargs.get("enqueued_at") or 0), float(not_before or 0)) or None
-        return (time.time() - since if since else None), label
+        stamps = stamps_of(kwargs)
+        since = max(stamps.enqueued_at or 0.0, stamps.not_before or 0.0) or None
+        return (now - since if since else None), label
     except (ValueError, KeyError, IndexError, TypeError):
         return None, "a message in a format we do not know"
 

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--reason", choices=DEAD_REASONS)
     listing.add_argument("--store", type=id_argument("--store"), help="only this store's")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    listing.add_argument("--before", metavar="CURSOR",
+                         help="only letters older than this cursor: the next page, as the last "
+                              "listing printed it (next_before in --json)")
     listing.set_defaults(func=cmd_dead_list)
     show = dead_commands.add_parser("show", parents=[common], help="one dead letter with its attempts")
     show.add_argument("id", metavar="ID", type=letter_id_argument)

@@ -1,18 +1,21 @@
 """The only reader of the environment: every setting, its default, its check.
 
 The POS side (producer) needs only the Redis settings; the worker needs all of
-them. ``load_producer_settings`` and ``load_worker_settings`` collect every
-problem before raising, so one message names every bad setting.
+them. Every process that opens a broker connection also reads the two numbers
+the visibility timeout is derived from (``load_delivery_settings``), so that
+all of them agree with the workers on it. The loaders collect every problem
+before raising, so one message names every bad setting.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 
@@ -21,6 +24,12 @@ DEFAULT_MIPOS_BASE_URL = "https://integrations.mipos.shop"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "console")
 CREDENTIAL_NAMES = ("MIPOS_CLIENT_ID", "MIPOS_CLIENT_SECRET", "MIPOS_EMAIL", "MIPOS_PASSWORD")
+# Secrets are replaced wherever they occur in a log line; a shorter one would
+# match ordinary words and ids, and the replacements would spell it out.
+MIN_SECRET_LENGTH = 8
+# `ssl_cert_reqs` in a rediss:// URL, as kombu and redis-py both understand it.
+CERT_REQS = {"required": "required", "cert_required": "required", "optional": "optional",
+             "cert_optional": "optional", "none": "none", "cert_none": "none"}
 
 
 class SettingsError(Exception):
@@ -80,6 +89,14 @@ class ReconcileSettings:
 
 
 @dataclass(frozen=True)
+class DeliverySettings:
+    """What the visibility timeout and the attempt bound are derived from (worker.delivery)."""
+
+    timeout_s: float
+    visibility_timeout_s: float | None  # None: derived from timeout_s
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     redis: RedisSettings
     mipos: MiposSettings
@@ -90,6 +107,10 @@ class WorkerSettings:
     reconcile: ReconcileSettings
     confirm_with_pending_list: bool  # after an unknown outcome, ask the pending list first
     breaker: BreakerConfig
+
+    @property
+    def delivery(self) -> DeliverySettings:
+        return DeliverySettings(self.mipos.timeout_s, self.visibility_timeout_s)
 
 
 class _Reader:
@@ -176,11 +197,106 @@ def url_without_password(url: str) -> str:
     return url
 
 
+def _query_items(url: str) -> list[tuple[str, str]]:
+    query = urlsplit(url).query
+    return [(k, v) for k, _, v in (item.partition("=") for item in query.split("&") if item)]
+
+
+def ssl_cert_reqs(url: str) -> str | None:
+    """The certificate check a rediss:// URL asks for: required, optional or none
+    (None: not TLS, or a value neither kombu nor redis-py knows)."""
+    if urlsplit(url).scheme != "rediss":
+        return None
+    given = [v for k, v in _query_items(url) if k == "ssl_cert_reqs"]
+    return CERT_REQS.get(given[-1].strip().lower()) if given else "required"
+
+
+def verified_redis_url(url: str) -> str:
+    """The URL with its certificate check spelled out, so that every client verifies alike.
+
+    kombu connects to ``rediss://`` without ``ssl_cert_reqs`` with no certificate
+    check at all, while redis-py requires one; kombu takes ``CERT_NONE`` and
+    redis-py only ``none``. Writing ``ssl_cert_reqs=required|optional|none`` into
+    the URL makes the broker, the shared-state client, the POS side, Flower and
+    the CLI agree: verified unless ``none`` is asked for. A CA file comes from
+    ``ssl_ca_certs`` in the URL, else from the system store.
+    """
+    wanted = ssl_cert_reqs(url)
+    if wanted is None:
+        return url
+    items = [(k, v) for k, v in _query_items(url) if k != "ssl_cert_reqs"]
+    items.append(("ssl_cert_reqs", wanted))
+    query = "&".join(f"{k}={v}" for k, v in items)
+    return urlunsplit(urlsplit(url)._replace(query=query))
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _read_redis(reader: _Reader) -> RedisSettings:
+    url = reader.url("REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss"))
+    if urlsplit(url).scheme == "rediss" and ssl_cert_reqs(url) is None:
+        reader.problems.append(
+            f"REDIS_URL={url_without_password(url)!r} has an ssl_cert_reqs that is not "
+            "required, optional or none")
     return RedisSettings(
-        url=reader.url("REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss")),
+        url=verified_redis_url(url),
         key_prefix=reader.raw("MIPOS_REDIS_PREFIX", "mipos:") or "mipos:",
     )
+
+
+def _read_delivery(reader: _Reader) -> DeliverySettings:
+    return DeliverySettings(
+        timeout_s=reader.positive_float("MIPOS_TIMEOUT_S", "10"),
+        visibility_timeout_s=(
+            reader.positive_float("MIPOS_VISIBILITY_TIMEOUT_S", "1")
+            if reader.raw("MIPOS_VISIBILITY_TIMEOUT_S", None) is not None else None
+        ),
+    )
+
+
+def _read_base_url(reader: _Reader) -> str:
+    """The mipos API; plain http only to this host, or when explicitly allowed."""
+    url = reader.url("MIPOS_BASE_URL", DEFAULT_MIPOS_BASE_URL, ("http", "https"))
+    allow_http = reader.boolean("MIPOS_ALLOW_INSECURE_HTTP", "false")
+    parts = urlsplit(url)
+    if parts.scheme == "http" and parts.hostname and not allow_http \
+            and not is_loopback_host(parts.hostname):
+        reader.problems.append(
+            f"MIPOS_BASE_URL={url_without_password(url)!r} is plain http to another host: the "
+            "client secret and the password would cross the network unencrypted; use https://, "
+            "or set MIPOS_ALLOW_INSECURE_HTTP=true to accept that")
+    return url
+
+
+def _read_secret(reader: _Reader, name: str) -> str:
+    value = reader.required(name)
+    if value and len(value) < MIN_SECRET_LENGTH:
+        reader.problems.append(
+            f"{name} is shorter than {MIN_SECRET_LENGTH} characters: too short to keep out of "
+            "the logs (replacing it would rewrite ordinary text and give it away); use a longer one")
+    return value
+
+
+def _load(read: Callable[[_Reader], T], env: Mapping[str, str] | None) -> T:
+    """Read one group of settings, raising once with every problem found."""
+    reader = _Reader(os.environ if env is None else env)
+    settings = read(reader)
+    reader.check()
+    return settings
+
+
+def load_delivery_settings(env: Mapping[str, str] | None = None) -> DeliverySettings:
+    """The numbers every process opening a broker connection needs (no mipos credentials)."""
+    return _load(_read_delivery, env)
 
 
 def _read_reconcile(reader: _Reader) -> ReconcileSettings:
@@ -194,30 +310,25 @@ def _read_reconcile(reader: _Reader) -> ReconcileSettings:
 
 def load_reconcile_settings(env: Mapping[str, str] | None = None) -> ReconcileSettings:
     """What beat needs to schedule the sweep (it has no mipos credentials of its own)."""
-    reader = _Reader(os.environ if env is None else env)
-    settings = _read_reconcile(reader)
-    reader.check()
-    return settings
+    return _load(_read_reconcile, env)
 
 
 def load_producer_settings(env: Mapping[str, str] | None = None) -> RedisSettings:
     """What the POS side needs to enqueue: Redis only, no mipos credentials."""
-    reader = _Reader(os.environ if env is None else env)
-    redis = _read_redis(reader)
-    reader.check()
-    return redis
+    return _load(_read_redis, env)
 
 
 def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
     reader = _Reader(os.environ if env is None else env)
     redis = _read_redis(reader)
+    delivery = _read_delivery(reader)
     mipos = MiposSettings(
-        base_url=reader.url("MIPOS_BASE_URL", DEFAULT_MIPOS_BASE_URL, ("http", "https")),
+        base_url=_read_base_url(reader),
         client_id=reader.required("MIPOS_CLIENT_ID"),
-        client_secret=reader.required("MIPOS_CLIENT_SECRET"),
+        client_secret=_read_secret(reader, "MIPOS_CLIENT_SECRET"),
         email=reader.required("MIPOS_EMAIL"),
-        password=reader.required("MIPOS_PASSWORD"),
-        timeout_s=reader.positive_float("MIPOS_TIMEOUT_S", "10"),
+        password=_read_secret(reader, "MIPOS_PASSWORD"),
+        timeout_s=delivery.timeout_s,
     )
     retry = RetrySettings(
         max_attempts=reader.positive_int("MIPOS_RETRY_MAX_ATTEMPTS", "12"),
@@ -236,10 +347,7 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
         retry=retry,
         log_level=reader.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
         log_format=reader.choice("LOG_FORMAT", "json", LOG_FORMATS, upper=False),
-        visibility_timeout_s=(
-            reader.positive_float("MIPOS_VISIBILITY_TIMEOUT_S", "1")
-            if reader.raw("MIPOS_VISIBILITY_TIMEOUT_S", None) is not None else None
-        ),
+        visibility_timeout_s=delivery.visibility_timeout_s,
         reconcile=_read_reconcile(reader),
         confirm_with_pending_list=reader.boolean("MIPOS_CONFIRM_WITH_PENDING_LIST", "true"),
         breaker=BreakerConfig(

@@ -86,7 +86,7 @@ def test_malformed_ids_are_refused_before_anything_runs() -> None:
     for args, needle in [
         (["order", "3", "has space"], "ORDER_EXTERNAL_ID"),
         (["order", "", "abc"], "STORE_ID must not be empty"),
-        (["order", "3/4", "abc"], "STORE_ID"),
+        (["order", "3", "tab\there"], "ORDER_EXTERNAL_ID"),
         (["dead", "show", "nothex"], "not a dead letter id"),
         (["dead", "purge", "--older-than", "soon"], "not a duration"),
         (["dead", "list", "--since", "yesterday-ish"], "neither a duration"),
@@ -270,6 +270,29 @@ def test_purge(cluster: Cluster, tasks: ModuleType) -> None:
     assert purged["purged"] == dry["would_purge"]
     assert cli(cluster, "dead", "show", letter).returncode == 1
     assert cli_json(cluster, "dead", "list")["dead_letters"] == []
+
+
+def test_dead_list_pages_with_a_cursor(cluster: Cluster) -> None:
+    from worker.deadletters import DeadLetters
+
+    store = DeadLetters(cluster.redis.client, "mipos:")
+    letters = [store.add(action="accept", order={"delivery_id": "1", "store_id": "38",
+                                                 "order_external_id": new_order_id()},
+                         reason="attempts", error="Server Error", task_id=new_order_id(),
+                         enqueued_at=None, attempts=[]) for _ in range(3)]
+    newest_first = [x.id for x in reversed(letters)]
+
+    first = cli_json(cluster, "dead", "list", "--store", "38", "--limit", "2")
+    assert [x["id"] for x in first["dead_letters"]] == newest_first[:2]
+    assert first["truncated"] is True and first["next_before"]
+    human = cli(cluster, "dead", "list", "--store", "38", "--limit", "2").stdout
+    assert f"--before {first['next_before']}" in human
+
+    second = cli_json(cluster, "dead", "list", "--store", "38", "--limit", "2",
+                      "--before", first["next_before"])
+    assert [x["id"] for x in second["dead_letters"]] == newest_first[2:]
+    assert second["truncated"] is False and second["next_before"] is None
+    assert_one_line_error(cli(cluster, "dead", "list", "--before", "yesterday"), "cursor")
 
 
 # -- pending, metrics -------------------------------------------------------------------

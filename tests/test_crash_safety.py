@@ -15,7 +15,7 @@ from tests.harness import RedisServer, Sandbox, wait_for
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 # A short visibility timeout so a killed worker's messages come back within seconds.
-CRASH_ENV = {"MIPOS_VISIBILITY_TIMEOUT_S": "4", "MIPOS_TIMEOUT_S": "5"}
+CRASH_ENV = {"MIPOS_VISIBILITY_TIMEOUT_S": "12", "MIPOS_TIMEOUT_S": "0.5"}
 
 
 def accepts_at_sandbox(cluster: Cluster, order_id: str) -> list[dict[str, Any]]:

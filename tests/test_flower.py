@@ -154,6 +154,33 @@ def test_local_without_auth_listens_on_loopback_only(redis_server: RedisServer,
     assert f"Visit me at http://127.0.0.1:{flower.port}" in log
 
 
+def test_listens_on_loopback_unless_told_otherwise(redis_server: RedisServer,
+                                                    start_flower: StartFlower) -> None:
+    env = base_env(redis_server, FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
+    del env["FLOWER_ADDRESS"]
+    flower = start_flower(env)
+
+    assert flower.get("/", auth=(USER, PASSWORD))[0] == 200
+    assert listening_addresses(flower.port) == {"0100007F"}  # 127.0.0.1, and nothing else
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.2", flower.port), 2):
+        pass
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ({"MIPOS_VISIBILITY_TIMEOUT_S": "20"}, "MIPOS_VISIBILITY_TIMEOUT_S=20 is too small"),
+    ({"MIPOS_TIMEOUT_S": "soon"}, "MIPOS_TIMEOUT_S='soon' is not a number"),
+])
+def test_refuses_a_visibility_timeout_that_is_not_the_workers(redis_server: RedisServer,
+                                                             extra: dict[str, str], needle: str) -> None:
+    """Flower's broker connection re-queues messages held longer than its visibility timeout."""
+    env = base_env(redis_server, FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}", PORT=str(free_port()), **extra)
+    result = run_line(env)
+
+    assert result.returncode == 2, result
+    [line] = result.stderr.strip().splitlines()
+    assert needle in line and "Traceback" not in result.stderr
+
+
 # -- the Tasks page in Chromium, and /metrics -------------------------------------
 
 

@@ -1,7 +1,11 @@
 """The Celery app: transport, serialization and delivery settings, and signals.
 
-Importing this needs only ``REDIS_URL`` (the POS side); a worker checks every
-setting in ``celeryd_init`` and exits with one message if any is wrong.
+Importing this needs only ``REDIS_URL`` (the POS side). The visibility timeout
+and kombu's restore interval are set here, from ``MIPOS_TIMEOUT_S`` and
+``MIPOS_VISIBILITY_TIMEOUT_S``, in every process that builds the app: a
+consuming connection (a worker, Flower, ``doctor``'s ping) sweeps the unacked
+messages with its own value, so all must share the workers'. A worker checks
+every setting in ``celeryd_init`` and exits with one message if any is wrong.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from typing import Any
 from celery import Celery, signals
 
 from config import (
+    DeliverySettings,
     ReconcileSettings,
     SettingsError,
+    load_delivery_settings,
     load_producer_settings,
     load_reconcile_settings,
     load_worker_settings,
@@ -25,6 +31,14 @@ from worker.rescue import LostMessageSweeper
 from worker.runtime import flush_metrics, get_runtime
 
 _redis = load_producer_settings()
+_delivery: DeliverySettings
+try:
+    _delivery = load_delivery_settings()
+except SettingsError:
+    # Reported where it matters: a worker refuses to start (celeryd_init), Flower and
+    # doctor refuse to consume (delivery.broker_settings_problems). A producer only
+    # publishes, and publishing never re-queues anything.
+    _delivery = load_delivery_settings({})
 events_patch.install()  # celery#10434: task events lost with the threads pool
 
 # Bounded so that a POS calling `delay()` never hangs on a Redis that is down
@@ -45,8 +59,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_transport_options={
         **PRODUCER_TRANSPORT_OPTIONS,
-        "visibility_timeout": 180,  # replaced in the worker from its settings
-        "unacked_restore_interval": delivery.UNACKED_RESTORE_INTERVAL_S,
+        "visibility_timeout": delivery.visibility_timeout_s(_delivery),
+        "unacked_restore_interval": delivery.restore_interval_s(_delivery),
         "unacked_restore_throttle": 1,
     },
     task_publish_retry_policy={
@@ -92,18 +106,13 @@ if _reconcile is not None and _reconcile.stores:
 
 
 @signals.celeryd_init.connect
-def _check_settings(conf: Any = None, **_: Any) -> None:
+def _check_settings(**_: Any) -> None:
     """Refuse to start a worker with a broken configuration, naming every problem."""
     try:
-        settings = load_worker_settings()
+        delivery.load_checked_worker_settings()
     except SettingsError as exc:
         print(f"mipos-worker: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    if conf is not None:
-        options = dict(conf.broker_transport_options or {})
-        options["visibility_timeout"] = delivery.visibility_timeout_s(settings)
-        options["unacked_restore_interval"] = delivery.restore_interval_s(settings)
-        conf.broker_transport_options = options
 
 
 @signals.setup_logging.connect

@@ -19,7 +19,12 @@ Environment:
 ``PORT``
     the port Flower serves on. Default: ``5555``.
 ``FLOWER_ADDRESS``
-    the address it listens on. Default: ``0.0.0.0``.
+    the address it listens on. Default: ``127.0.0.1`` (loopback only). Flower
+    serves plain HTTP, and basic auth over plain HTTP sends the password in
+    clear: to reach Flower from another host, put a TLS-terminating proxy
+    (nginx, Caddy, the platform's router) in front of it and keep Flower on
+    loopback or a private interface; set ``FLOWER_ADDRESS=0.0.0.0`` only when
+    the proxy is on another host of a private network.
 ``FLOWER_MAX_TASKS``
     tasks Flower keeps in memory (the oldest are dropped). Default: ``10000``.
 ``FLOWER_PURGE_OFFLINE_WORKERS``
@@ -30,6 +35,10 @@ Environment:
     ``name,state,retries,kwargs,exception,received,runtime,worker,uuid``.
 ``REDIS_URL``
     the broker, as for the workers. Default: ``redis://localhost:6379/0``.
+``MIPOS_TIMEOUT_S``, ``MIPOS_VISIBILITY_TIMEOUT_S``
+    as for the workers, and they must be the workers' values: Flower's broker
+    connection hands back messages held longer than its visibility timeout,
+    so it refuses to start when they are malformed or too small.
 
 Flower itself reads every ``FLOWER_<option>`` variable named after one of its
 options (``FLOWER_URL_PREFIX``, ``FLOWER_PERSISTENT``, ...); see its
@@ -60,16 +69,19 @@ from typing import Any, NoReturn
 from celery import states
 from celery.events.state import Task as CeleryTask
 
+from config import MIN_SECRET_LENGTH
+from worker.redaction import REDACTED, redact_text
+
 PROG = "mipos-worker flower"
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")
+DEFAULT_ADDRESS = "127.0.0.1"
 DEFAULTS = {
     "FLOWER_MAX_TASKS": "10000",
     "FLOWER_PURGE_OFFLINE_WORKERS": "600",
     "FLOWER_TASKS_COLUMNS": "name,state,retries,kwargs,exception,received,runtime,worker,uuid",
 }
 BEARER = re.compile(r"(Bearer\s+)[^\s'\",}]+", re.IGNORECASE)
-REDACTED = "[redacted]"
 RETRY_LINE = "celery.exceptions.Retry: "
 RETRY_DELAY = re.compile(r"^Retry in (\d+(?:\.\d+)?)s")
 
@@ -116,7 +128,7 @@ def configure(environ: MutableMapping[str, str]) -> tuple[str, int, bool]:
     """Check the settings and prepare the environment Flower reads; (address, port, unauthenticated)."""
     local = parse_bool("FLOWER_LOCAL", environ.get("FLOWER_LOCAL", ""))
     port = parse_port(environ.get("PORT", "").strip() or "5555")
-    address = environ.get("FLOWER_ADDRESS", "").strip() or "0.0.0.0"
+    address = environ.get("FLOWER_ADDRESS", "").strip() or DEFAULT_ADDRESS
     auth = environ.get("FLOWER_BASIC_AUTH", "").strip()
     if auth:
         environ["FLOWER_BASIC_AUTH"] = ",".join(parse_basic_auth(auth))
@@ -137,12 +149,12 @@ def configure(environ: MutableMapping[str, str]) -> tuple[str, int, bool]:
 
 def _secrets_from_env() -> list[str]:
     return [value for name in ("MIPOS_CLIENT_SECRET", "MIPOS_PASSWORD")
-            if len(value := os.environ.get(name, "")) >= 4]
+            if len(value := os.environ.get(name, "")) >= MIN_SECRET_LENGTH]
 
 
 def scrub(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
+    """The secrets out of a page's text, in any escaped form a repr or JSON gave them."""
+    text = redact_text(text, secrets)
     return BEARER.sub(rf"\g<1>{REDACTED}", text)
 
 
@@ -212,6 +224,11 @@ def main() -> int:
         address, port, unauthenticated = configure(os.environ)
     except ConfigError as exc:
         fail(str(exc))
+    from worker.delivery import broker_settings_problems
+
+    problems = broker_settings_problems()
+    if problems:
+        fail("; ".join(problems))
     if unauthenticated:
         print(f"{PROG}: warning: FLOWER_LOCAL is set and FLOWER_BASIC_AUTH is not: Flower runs "
               f"WITHOUT authentication, on 127.0.0.1:{port} only", file=sys.stderr, flush=True)

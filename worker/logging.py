@@ -1,8 +1,10 @@
 """structlog, configured once, through the stdlib so Celery's own records share it.
 
 Every line (ours and Celery's) is rendered by one ``ProcessorFormatter``: JSON
-by default, a console layout with ``LOG_FORMAT=console``; the rendered text is
-scrubbed of secrets last, whatever put them there.
+by default, a console layout with ``LOG_FORMAT=console``. Secrets are taken out
+of the event's values before rendering, and out of the rendered text in every
+escaped form after it (worker/redaction.py). Tracebacks carry no local
+variables: a frame's locals are where credentials live.
 """
 
 from __future__ import annotations
@@ -12,13 +14,18 @@ import sys
 from typing import Any
 
 import structlog
-from structlog.typing import Processor, WrappedLogger
+import structlog.tracebacks
+from structlog.typing import EventDict, Processor, WrappedLogger
 
-from worker.redaction import redact
+from worker.redaction import redact_text, redact_value
+
+
+def _redact_values(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    return {key: redact_value(value) for key, value in event_dict.items()}
 
 
 def _redact_rendered(_logger: WrappedLogger, _name: str, rendered: Any) -> Any:
-    return redact(rendered) if isinstance(rendered, str) else rendered
+    return redact_text(rendered) if isinstance(rendered, str) else rendered
 
 
 def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
@@ -30,10 +37,14 @@ def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
     ]
     renderer: Processor
     if log_format == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # The traceback as text in the event, so that it is redacted with the rest.
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                                 exception_formatter=structlog.dev.plain_traceback)
+        shared.append(structlog.processors.format_exc_info)
     else:
         renderer = structlog.processors.JSONRenderer()
-        shared.append(structlog.processors.dict_tracebacks)
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
 
     structlog.configure(
         processors=[
@@ -49,6 +60,7 @@ def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
         foreign_pre_chain=shared,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _redact_values,
             renderer,
             _redact_rendered,
         ],
