@@ -231,7 +231,12 @@ class _Attempt:
 
     def run(self) -> None:
         self.rt.inflight.heartbeat(self.task_id, self.now)
-        self._run()
+        try:
+            self._run()
+        except (Retry, Reject, redis.RedisError):
+            raise
+        except Exception as exc:  # a bug of ours: say so, and retry like a transient failure
+            self._crashed(exc)
         # Reached an end (accepted, denied, skipped or failed): coming back later raises instead.
         self.rt.inflight.forget(self.task_id)
         if self.stamps.held:
@@ -270,6 +275,18 @@ class _Attempt:
             if uncertain is not None and not self._settle(request, uncertain):
                 return
             self._send(request, previous_unknown=uncertain is not None)
+
+    def _crashed(self, exc: Exception) -> None:
+        """An unexpected error: one line with the traceback, then the retry schedule, so
+        the order ends accepted or dead-lettered (``attempts``, ``deadline``) saying why."""
+        logger.exception("attempt_crashed", task_id=self.task_id,
+                         **{f: _loggable(self.arguments.get(f)) for f in ORDER_FIELDS})
+        if self.request is None or self.dead_letter is not None:
+            raise exc
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        self._come_back_after_failure(self._next_attempt(), Answer(http_status=None),
+                                      Verdict(ErrorClass.TRANSIENT, error), counted=True,
+                                      unknown_fields={})
 
     def _own_unknown_attempt(self) -> Uncertain | None:
         """This task's last attempt had no answer (from before the order-wide mark existed)."""
@@ -359,13 +376,13 @@ class _Attempt:
             return False
         if any(item.external_id == request.order.order_external_id for item in pending):
             in_flight_for = self.clock() - uncertain.at
-            if not same and in_flight_for < _settle_after_s(self.settings):
+            if not same and in_flight_for < delivery.call_bound_s(self.settings):
                 # Still listed, but a slow request may yet land: give it the time one call may take.
                 self._come_back_after_failure(
                     attempt, answer,
                     Verdict(ErrorClass.TRANSIENT, f"waiting for the earlier {other.value} (task "
                             f"{uncertain.task_id}, no answer {in_flight_for:.1f}s ago) to settle"),
-                    counted=True, unknown_fields={"previous_outcome": "unknown"})
+                    counted=False, unknown_fields={"previous_outcome": "unknown"})  # nothing sent
                 return False
             self.rt.ledger.clear_uncertain(request.order)  # still pending: it did not land
             return True
@@ -597,11 +614,6 @@ class _Attempt:
                                     latency_s=self.clock() - self.enqueued_at if done else None)
         except redis.RedisError:
             pass  # a counter is not worth redelivering the order for
-
-
-def _settle_after_s(settings: Any) -> float:
-    """How long an unanswered request may still be on its way: one call's connect + read."""
-    return 2 * float(settings.mipos.timeout_s)
 
 
 def _loggable(value: Any) -> Any:

@@ -12,6 +12,7 @@ import pytest
 
 from bench.processes import SANDBOX_ENV
 from tests.harness import RedisServer, Sandbox, WorkerProcess, read_json_lines, wait_for
+from worker.deadletters import DeadLetter, DeadLetters
 
 # Fast, but the same shape as production: base 0.05 s doubling up to 0.4 s.
 FAST_RETRY_ENV = {
@@ -58,6 +59,16 @@ def tasks(redis_server: RedisServer) -> ModuleType:
 
 def new_order_id() -> str:
     return str(uuid.uuid4())
+
+
+def dead_letter_of(redis_server: RedisServer, order_id: str) -> DeadLetter:
+    """The order's dead letter, once a worker has written it."""
+    def find() -> DeadLetter | None:
+        for letter in DeadLetters(redis_server.client, "mipos:").list():
+            if letter.order.get("order_external_id") == order_id:
+                return letter
+        return None
+    return wait_for(find, timeout=10, what=f"dead letter of {order_id}")
 
 
 class Cluster:

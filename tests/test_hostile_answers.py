@@ -14,9 +14,8 @@ import pytest
 
 from config import MiposSettings
 from sandbox import SANDBOX_CREDENTIALS
-from tests.conftest import Cluster, new_order_id
-from tests.harness import RedisServer, Sandbox, wait_for
-from worker.deadletters import DeadLetter, DeadLetters
+from tests.conftest import Cluster, dead_letter_of, new_order_id
+from tests.harness import RedisServer, Sandbox
 from worker.errors import (
     MAX_ERROR_CHARS,
     Answer,
@@ -265,15 +264,6 @@ def test_pending_list_200_with_a_hostile_data(pending_rt: Any, sandbox: Sandbox,
 
 
 # -- through a real worker ----------------------------------------------------------------
-
-
-def dead_letter_of(redis_server: RedisServer, order_id: str) -> DeadLetter:
-    def find() -> DeadLetter | None:
-        for letter in DeadLetters(redis_server.client, "mipos:").list():
-            if letter.order.get("order_external_id") == order_id:
-                return letter
-        return None
-    return wait_for(find, timeout=10, what=f"dead letter of {order_id}")
 
 
 WORKER_BODIES = ["errors-list-of-dicts", "message-list-of-ints", "field-list-of-nulls", "null",

@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, ClusterStarter, new_order_id
-from tests.harness import RedisServer, wait_for
-from worker.deadletters import DeadLetter, DeadLetters
+from tests.conftest import Cluster, ClusterStarter, dead_letter_of, new_order_id
+from tests.harness import RedisServer
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 DENY_PATH = "/api/v1/integration/order/deny"
@@ -49,15 +48,6 @@ def order_args(**extra: Any) -> dict[str, Any]:
 
 def mipos_requests(cluster: Cluster, order_id: str, path: str = ACCEPT_PATH) -> list[dict[str, Any]]:
     return [r for r in cluster.control.requests(order_external_id=order_id) if r["path"] == path]
-
-
-def dead_letter_of(redis_server: RedisServer, order_id: str) -> DeadLetter:
-    def find() -> DeadLetter | None:
-        for letter in DeadLetters(redis_server.client, "mipos:").list():
-            if letter.order.get("order_external_id") == order_id:
-                return letter
-        return None
-    return wait_for(find, timeout=10, what=f"dead letter of {order_id}")
 
 
 def assert_schedule(lines: list[dict[str, Any]]) -> None:

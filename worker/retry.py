@@ -59,7 +59,8 @@ def decide_retry(
     """
     if attempts_made >= settings.max_attempts:
         return RetryDecision("fail", fail_reason="attempts")
-    delay = backoff_delay(attempts_made, settings, retry_after_s, rng)
+    # A wait that spent no attempt (waiting for another request to settle) still backs off.
+    delay = backoff_delay(max(1, attempts_made), settings, retry_after_s, rng)
     if now + delay > deadline_at:
         return RetryDecision("fail", fail_reason="deadline")
     return RetryDecision("retry", delay_s=delay)
