@@ -8,6 +8,7 @@ bad input or an unreachable Redis with one line on stderr and exit code 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ from cli.common import (
 )
 from cli.dead import cmd_dead_list, cmd_dead_purge, cmd_dead_replay, cmd_dead_show
 from cli.orders import cmd_enqueue, cmd_order, cmd_pending
+from cli.outbox import add_outbox_commands
 from cli.output import CliError, emit_json, table
 
 
@@ -33,6 +35,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     checks = run_checks(DoctorOptions(max_wait_s=args.max_wait, ping_timeout_s=args.ping_timeout,
                                       skip_mipos=args.skip_mipos))
+    if args.outbox_database_url:
+        from cli.outbox import outbox_check
+
+        checks.append(outbox_check(args.outbox_database_url, args.max_wait))
     failed = [c for c in checks if c.status == "fail"]
     if args.json:
         emit_json(as_json(checks))
@@ -150,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--ping-timeout", type=duration_argument, default=2.0, metavar="DURATION",
                         help="how long to wait for workers to answer (default 2s)")
     doctor.add_argument("--skip-mipos", action="store_true", help="do not call mipos's token endpoint")
+    doctor.add_argument("--outbox-database-url", default=os.environ.get("MIPOS_OUTBOX_DATABASE_URL"),
+                        metavar="URL", help="also check the backlog of the POS database's outbox "
+                                            "(default: MIPOS_OUTBOX_DATABASE_URL)")
     doctor.set_defaults(func=cmd_doctor)
 
     metrics = commands.add_parser("metrics", parents=[common],
@@ -164,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "faults per order (see README) or at random rates.")
     add_sandbox_arguments(sandbox)
     sandbox.set_defaults(func=cmd_sandbox)
+    add_outbox_commands(commands, common)
     return parser
 
 

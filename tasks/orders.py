@@ -30,6 +30,8 @@ from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
 from config import load_producer_settings
+from tasks.on_commit import OnCommitMixin
+from tasks.request_check import check_request
 from worker import delivery
 from worker.attempt_log import AttemptLine
 from worker.budget import attempt_budget
@@ -51,7 +53,7 @@ from worker.orders import ORDER_FIELDS, Action, Order, OrderRequest, parse_order
 from worker.reconcile import fetch_pending
 from worker.retry import decide_retry
 from worker.runtime import Runtime, get_runtime, producer_redis
-from worker.stamps import PRIVATE_KEYS, STAMPS_KEY, Stamps, split_message
+from worker.stamps import STAMPS_KEY, Stamps, split_message
 
 logger = structlog.stdlib.get_logger("mipos.attempts")
 
@@ -76,7 +78,7 @@ def _internal() -> Iterator[None]:
         _internal_publish.reset(token)
 
 
-class OrderTask(Task):
+class OrderTask(OnCommitMixin, Task):
     action: Action
     max_retries = None  # attempts and deadline are ours to count (worker.retry)
     typing = False  # checked by parse_order_request, with clearer messages
@@ -85,13 +87,10 @@ class OrderTask(Task):
         arguments = dict(kwargs or {})
         if _internal_publish.get():
             arguments, stamps, _ = split_message(arguments)
-        else:
+            request = parse_order_request(self.action, _named_arguments(self.action, args or (), arguments))
+        else:  # a caller: its arguments checked, our stamps refused
             stamps = Stamps()
-            for key in PRIVATE_KEYS:
-                if key in arguments:
-                    raise InvalidOrder(key, "is set by mipos-worker itself; a caller may not pass it")
-        arguments = _named_arguments(self.action, args or (), arguments)
-        request = parse_order_request(self.action, arguments)
+            request = check_request(self.action, _named_arguments(self.action, args or (), arguments))
         age_s = float(options.pop("age_s", 0.0) or 0.0)
         options["task_id"] = options.get("task_id") or str(uuid.uuid4())
         options["kwargsrepr"] = repr(request.body())  # what Flower shows: the order, not our stamps

@@ -1,0 +1,28 @@
+"""The transactional outbox for a POS on SQLAlchemy (PostgreSQL, MySQL/MariaDB, SQLite).
+
+    from tasks import sql_outbox as outbox
+
+    with engine.begin() as conn:           # the POS's own transaction
+        conn.execute(insert(orders).values(...))
+        outbox.accept(conn, delivery_id=..., store_id=..., order_external_id=...)
+
+A relay (``mipos-worker outbox relay --database-url URL``, or
+``outbox.start_relay_thread(engine)`` in-process) publishes committed rows.
+Needs ``pip install mipos-worker[sqlalchemy]``.
+"""
+
+from tasks.sql_outbox.background import RelayThread, start_relay_thread
+from tasks.sql_outbox.relay import BatchResult, OutboxStatus, RedisUnavailable, Relay
+from tasks.sql_outbox.schema import dead_table, metadata, outbox_table
+from tasks.sql_outbox.writer import accept, deny
+
+
+def create_tables(bind: object) -> None:
+    """Create the two outbox tables where missing (tests, quick starts; use a migration in production)."""
+    metadata.create_all(bind)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "BatchResult", "OutboxStatus", "RedisUnavailable", "Relay", "RelayThread", "accept",
+    "create_tables", "dead_table", "deny", "metadata", "outbox_table", "start_relay_thread",
+]

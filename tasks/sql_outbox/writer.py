@@ -1,0 +1,47 @@
+"""``accept(conn, ...)`` / ``deny(conn, ...)``: the request, written in the caller's transaction.
+
+Checked exactly as ``delay()`` checks it (``ValueError`` naming the field, and
+the keys only mipos-worker sets refused) before anything is written. Nothing
+here talks to Redis: the POS's commit never waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from tasks.request_check import check_request
+from tasks.sql_outbox.schema import db_now, outbox_table
+from worker.orders import Action
+
+# Set in ``Session.info`` / ``Connection.info`` when an outbox row was written: the
+# in-process relay's after-commit hook wakes the relay only then (background.py).
+WROTE_KEY = "mipos_outbox_wrote"
+
+
+def accept(conn: Connection | Session, **arguments: Any) -> str:
+    """Write an accept beside the order, in ``conn``'s transaction; returns its task id."""
+    return _write(conn, Action.ACCEPT, arguments)
+
+
+def deny(conn: Connection | Session, **arguments: Any) -> str:
+    """Write a deny (``message`` says why) in ``conn``'s transaction; returns its task id."""
+    return _write(conn, Action.DENY, arguments)
+
+
+def _write(conn: Connection | Session, action: Action, arguments: dict[str, Any]) -> str:
+    request = check_request(action, arguments)
+    task_id = str(uuid.uuid4())
+    dialect = conn.get_bind().dialect if isinstance(conn, Session) else conn.dialect
+    conn.execute(insert(outbox_table).values(
+        task_id=task_id, action=action.value,
+        arguments=json.dumps(request.body(), ensure_ascii=False, separators=(",", ":")),
+        created_at=db_now(dialect), tries=0,
+    ))
+    conn.info[WROTE_KEY] = True
+    return task_id
