@@ -12,7 +12,8 @@ the end it compares the sandbox's record with the dead letters and prints:
 | dead-lettered (other) | lost | wall time |
 
 "lost" is neither accepted nor dead-lettered. Only loopback addresses; every
-wait is bounded (``--timeout``).
+wait is bounded (``--timeout``). ``--failover`` runs the Sentinel failover run
+instead (``python -m bench.failover``, with its own options).
 """
 
 from __future__ import annotations
@@ -289,6 +290,11 @@ def table(result: ChaosResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--failover" in argv:  # the Sentinel failover run: bench/failover.py, its own options
+        from bench.failover import main as failover_main
+
+        return failover_main([a for a in argv if a != "--failover"])
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--orders", type=int, default=2000)
@@ -301,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", type=Path, help="write the figures as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--failover", action="store_true",
+                        help="the Sentinel failover run instead (python -m bench.failover --help)")
     options = parser.parse_args(argv)
     if options.orders < 1 or options.workers < 1:
         parser.error("--orders and --workers must be at least 1")

@@ -111,12 +111,50 @@ def _redis_check(settings: RedisSettings, checks: list[Check]) -> redis.Redis | 
         return None
     checks.append(Check("redis", "ok", f"{where} answered in {seconds(elapsed)} "
                                        f"(Redis {info.get('redis_version', '?')})"))
+    checks.extend(_topology_checks(client, settings))
     tls = _tls_check(settings.url)
     if tls is not None:
         checks.append(tls)
     checks.append(_persistence_check(client))
     checks.append(_eviction_check(client))
     return client
+
+
+def _topology_checks(client: redis.Redis, settings: RedisSettings) -> list[Check]:
+    """The master, its replicas and their lag; with Sentinel, the quorum. Fails when
+    REDIS_MIN_REPLICAS_ACK cannot be met: then no delay() and no finished order succeeds."""
+    from worker.topology import replication_of, sentinel_view
+
+    try:
+        state = replication_of(client)
+    except redis.RedisError as exc:
+        return [Check("redis topology", "fail", f"cannot read INFO replication: {exc}")]
+    replicas = ", ".join(f"{r.address} {r.state}, {r.lag_s}s / {r.behind_bytes} bytes behind"
+                         for r in state.replicas) or "none"
+    detail = f"master {state.master}; replicas: {replicas}"
+    need = settings.min_replicas_ack
+    if need and state.online < need:
+        status: Status = "fail"
+        detail += (f"; REDIS_MIN_REPLICAS_ACK={need} but {state.online} online: every delay() and "
+                   "every finished order waits REDIS_REPLICA_ACK_TIMEOUT_S and fails")
+    elif settings.sentinel and not state.replicas:
+        status = "warn"
+        detail += "; no replica: Sentinel has nothing to promote if the master is lost"
+    else:
+        status = "ok"
+        if need:
+            detail += f"; writes wait for {need} (REDIS_MIN_REPLICAS_ACK)"
+        elif state.replicas:
+            detail += ("; REDIS_MIN_REPLICAS_ACK=0: a failover can lose the last writes "
+                       "(replication is asynchronous)")
+    checks = [Check("redis topology", status, detail)]
+    if settings.sentinel:
+        view = sentinel_view(settings)
+        failovers = f"; failovers so far: {view.failovers}" if view.failovers is not None else ""
+        text = (f"{view.answered} of {view.configured} Sentinels answered; quorum {view.quorum}; "
+                f"{view.quorum_detail}{failovers}")
+        checks.append(Check("sentinel quorum", "ok" if view.quorum_ok else "fail", text))
+    return checks
 
 
 def _tls_check(url: str) -> Check | None:

@@ -54,12 +54,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
+    from config import load_producer_settings
     from worker.delivery import QUEUE
     from worker.metrics import render
 
     client, prefix = open_redis()
     client.ping()
-    sys.stdout.write(render(client, prefix, QUEUE).decode())
+    sys.stdout.write(render(client, prefix, QUEUE, load_producer_settings()).decode())
     return EXIT_OK
 
 

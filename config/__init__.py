@@ -1,3 +1,4 @@
+from config.redis_url import SentinelTarget, is_sentinel_url, parse_sentinel_url
 from config.settings import (
     MIN_SECRET_LENGTH,
     DeliverySettings,
@@ -24,13 +25,16 @@ __all__ = [
     "ReconcileSettings",
     "RedisSettings",
     "RetrySettings",
+    "SentinelTarget",
     "SettingsError",
     "WorkerSettings",
     "is_loopback_host",
+    "is_sentinel_url",
     "load_delivery_settings",
     "load_producer_settings",
     "load_reconcile_settings",
     "load_worker_settings",
+    "parse_sentinel_url",
     "ssl_cert_reqs",
     "url_without_password",
     "verified_redis_url",

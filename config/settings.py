@@ -13,9 +13,16 @@ import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+from config.redis_url import (
+    is_sentinel_url,
+    normalized_sentinel_url,
+    parse_sentinel_url,
+    redis_url_passwords,
+)
 
 T = TypeVar("T")
 
@@ -47,6 +54,19 @@ class SettingsError(Exception):
 class RedisSettings:
     url: str
     key_prefix: str
+    sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: set exactly when url is sentinel://
+    sentinel_password: str | None = None  # REDIS_SENTINEL_PASSWORD: the Sentinels' own
+    min_replicas_ack: int = 0  # REDIS_MIN_REPLICAS_ACK: replicas a write that counts must reach
+    replica_ack_timeout_s: float = 1.0  # REDIS_REPLICA_ACK_TIMEOUT_S: how long to wait for them
+
+    @property
+    def sentinel(self) -> bool:
+        return self.sentinel_master is not None
+
+    def secrets(self) -> tuple[str, ...]:
+        """The Redis and Sentinel passwords, for the log redaction."""
+        found = redis_url_passwords(self.url)
+        return tuple(s for s in (*found, self.sentinel_password) if s)
 
 
 @dataclass(frozen=True)
@@ -150,6 +170,15 @@ class _Reader:
             self.problems.append(f"{name}={value!r} must be a number greater than 0")
         return value
 
+    def whole_number(self, name: str, default: str) -> int:
+        """0 or more."""
+        value = self.parsed(name, default, int, "a whole number")
+        if value is None:
+            return int(default)
+        if value < 0:
+            self.problems.append(f"{name}={value!r} must be 0 or more")
+        return value
+
     def positive_int(self, name: str, default: str) -> int:
         value = self.parsed(name, default, int, "a whole number")
         if value is None:
@@ -191,9 +220,9 @@ class _Reader:
 
 
 def url_without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
+    """The URL as it may be shown; every password of a ``;``-joined Sentinel URL hidden too."""
+    for password in redis_url_passwords(url):
+        url = url.replace(f":{password}@", ":***@")
     return url
 
 
@@ -242,14 +271,49 @@ def is_loopback_host(host: str | None) -> bool:
 
 
 def _read_redis(reader: _Reader) -> RedisSettings:
-    url = reader.url("REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss"))
-    if urlsplit(url).scheme == "rediss" and ssl_cert_reqs(url) is None:
-        reader.problems.append(
-            f"REDIS_URL={url_without_password(url)!r} has an ssl_cert_reqs that is not "
-            "required, optional or none")
+    text = reader.raw("REDIS_URL", DEFAULT_REDIS_URL) or DEFAULT_REDIS_URL
+    master = reader.raw("REDIS_SENTINEL_MASTER", None)
+    sentinel_password = reader.raw("REDIS_SENTINEL_PASSWORD", None)
+    ack = reader.whole_number("REDIS_MIN_REPLICAS_ACK", "0")
+    ack_timeout = reader.positive_float("REDIS_REPLICA_ACK_TIMEOUT_S", "1")
+    if is_sentinel_url(text):
+        target, problems = parse_sentinel_url(text)
+        reader.problems.extend(problems)
+        if master is None:
+            reader.problems.append(
+                "REDIS_URL is a Sentinel URL (sentinel://) but REDIS_SENTINEL_MASTER is not set: "
+                "name the master the Sentinels monitor (e.g. REDIS_SENTINEL_MASTER=mymaster)")
+        if target is not None and target.tls:
+            # TLS to the Sentinels and to Redis: the check spelled out, as for rediss:// URLs.
+            verified = verified_redis_url("rediss://x/?" + target.query)
+            if ssl_cert_reqs(verified) is None:
+                reader.problems.append(
+                    "REDIS_URL has an ssl_cert_reqs that is not required, optional or none")
+            target = replace(target, query=urlsplit(verified).query)
+        url = normalized_sentinel_url(target) if target is not None else text
+    else:
+        url = reader.url("REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss"))
+        if urlsplit(url).scheme in ("redis", "rediss") and ";" in url:
+            reader.problems.append(
+                "REDIS_URL lists several URLs: only Sentinel URLs (sentinel://) may be joined with ';'")
+        if urlsplit(url).scheme == "rediss" and ssl_cert_reqs(url) is None:
+            reader.problems.append(
+                f"REDIS_URL={url_without_password(url)!r} has an ssl_cert_reqs that is not "
+                "required, optional or none")
+        for name, value in (("REDIS_SENTINEL_MASTER", master),
+                            ("REDIS_SENTINEL_PASSWORD", sentinel_password)):
+            if value is not None:
+                reader.problems.append(
+                    f"{name} is set but REDIS_URL is not a Sentinel URL: use "
+                    "REDIS_URL=sentinel://host1:26379;sentinel://host2:26379/0, or unset " + name)
+        url = verified_redis_url(url)
     return RedisSettings(
-        url=verified_redis_url(url),
+        url=url,
         key_prefix=reader.raw("MIPOS_REDIS_PREFIX", "mipos:") or "mipos:",
+        sentinel_master=master if is_sentinel_url(text) else None,
+        sentinel_password=sentinel_password,
+        min_replicas_ack=ack,
+        replica_ack_timeout_s=ack_timeout,
     )
 
 

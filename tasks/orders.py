@@ -51,6 +51,7 @@ from worker.inflight import InflightRegistry
 from worker.ledger import LedgerEntry, Uncertain
 from worker.orders import ORDER_FIELDS, Action, Order, OrderRequest, parse_order_request
 from worker.reconcile import fetch_pending
+from worker.replication import ReplicaAck, confirm_replicated
 from worker.retry import decide_retry
 from worker.runtime import Runtime, get_runtime, producer_redis
 from worker.stamps import STAMPS_KEY, Stamps, split_message
@@ -96,17 +97,37 @@ class OrderTask(OnCommitMixin, Task):
         options["kwargsrepr"] = repr(request.body())  # what Flower shows: the order, not our stamps
         enqueued_at = self._register(options, request, stamps, age_s)
         message = {**request.body(), STAMPS_KEY: stamps.but(enqueued_at=enqueued_at).to_message()}
-        return super().apply_async(args=(), kwargs=message, **options)
+        result = super().apply_async(args=(), kwargs=message, **options)
+        self._confirm_replicated(options)
+        return result
+
+    def _producer_redis(self, options: dict[str, Any]) -> redis.Redis:
+        connection = options.get("connection")
+        url = connection.as_uri(include_password=True) if connection else self.app.conf.broker_url
+        if connection is not None and connection.alt:  # sentinel://a;sentinel://b: every Sentinel
+            url = ";".join(connection.alt)
+        return producer_redis(url)
+
+    def _confirm_replicated(self, options: dict[str, Any]) -> None:
+        """REDIS_MIN_REPLICAS_ACK > 0: return only once the registration and the message are on
+        that many replicas (worker/replication.py), else raise as when Redis is down."""
+        settings = load_producer_settings()
+        ack = ReplicaAck.of(settings)
+        if not ack.enabled:
+            return
+        try:
+            confirm_replicated(self._producer_redis(options), settings.key_prefix, ack,
+                               f"{self.name} {options['task_id']}")
+        except redis.RedisError as exc:
+            raise OperationalError(f"{self.name} not confirmed as replicated: {exc}") from exc
 
     def _register(self, options: dict[str, Any], request: OrderRequest, stamps: Stamps,
                   age_s: float) -> float:
         """Note the task in the in-flight registry before it is published (worker/inflight.py);
         returns its enqueue time on Redis's clock."""
-        connection = options.get("connection")
-        url = connection.as_uri(include_password=True) if connection else self.app.conf.broker_url
         countdown = options.get("countdown")
         try:
-            registry = InflightRegistry(producer_redis(url), load_producer_settings().key_prefix)
+            registry = InflightRegistry(self._producer_redis(options), load_producer_settings().key_prefix)
             return registry.register(
                 options["task_id"], self.name, {**request.body(), STAMPS_KEY: stamps.to_message()},
                 countdown=float(countdown) if countdown else None,

@@ -29,6 +29,7 @@ from worker.delivery import QUEUE
 from worker.logging import bind_task_context, clear_task_context, configure_logging
 from worker.rescue import LostMessageSweeper
 from worker.runtime import flush_metrics, get_runtime
+from worker.topology import kombu_sentinel_options
 
 _redis = load_producer_settings()
 _delivery: DeliverySettings
@@ -52,6 +53,10 @@ PRODUCER_TRANSPORT_OPTIONS: dict[str, Any] = {
     "interval_max": 0.5,
 }
 
+# Behind Sentinel (REDIS_URL=sentinel://...): which master, and how to reach the Sentinels;
+# kombu then asks them for the master on every new connection, so it follows a failover.
+SENTINEL_TIMEOUT_S = 2.0
+
 app = Celery("mipos", include=["tasks.orders", "tasks.reconcile"])
 app.conf.update(
     broker_url=_redis.url,
@@ -62,6 +67,7 @@ app.conf.update(
         "visibility_timeout": delivery.visibility_timeout_s(_delivery),
         "unacked_restore_interval": delivery.restore_interval_s(_delivery),
         "unacked_restore_throttle": 1,
+        **kombu_sentinel_options(_redis, SENTINEL_TIMEOUT_S),
     },
     task_publish_retry_policy={
         "max_retries": 1,

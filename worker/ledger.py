@@ -22,6 +22,7 @@ import redis
 
 from worker.locks import release_lock
 from worker.orders import Action, Order
+from worker.replication import NO_ACK, ReplicaAck
 
 LEDGER_TTL_S = 7 * 24 * 3600  # far past mipos's 10-minute window; bounds Redis memory
 HISTORY_TTL_S = 7 * 24 * 3600
@@ -60,10 +61,22 @@ class Uncertain:
     enqueued_at: float  # of that task: bounds the order's age at mipos from below
 
 
+# The done record, and the end of any "maybe done" mark, in one step.
+_RECORD_DONE = """
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('del', KEYS[2])
+"""
+
+
 class OrderLedger:
-    def __init__(self, redis_client: redis.Redis, key_prefix: str) -> None:
+    """With ``ack`` (REDIS_MIN_REPLICAS_ACK > 0) the writes a failover must not lose, the done
+    record and the "sending" mark, return only once that many replicas have them
+    (worker/replication.py); else NotReplicated, and the task is not acknowledged."""
+
+    def __init__(self, redis_client: redis.Redis, key_prefix: str, ack: ReplicaAck = NO_ACK) -> None:
         self.redis = redis_client
         self.prefix = key_prefix
+        self.ack = ack
 
     def _done_key(self, order: Order) -> str:
         return f"{self.prefix}done:{order.key}"
@@ -86,6 +99,14 @@ class OrderLedger:
         entry = LedgerEntry(action.value, task_id, time.time() if at is None else at,
                             order.delivery_id, message, order.store_id, order.order_external_id,
                             confirmed_by)
+        if self.ack.enabled:  # the write and its WAIT on one connection, one round trip
+            pipe = self.redis.pipeline(transaction=False)
+            # EVAL, not EVALSHA: a pipeline with a registered script asks SCRIPT EXISTS first.
+            pipe.eval(_RECORD_DONE, 2, self._done_key(order), self._uncertain_key(order),
+                      json.dumps(asdict(entry)), LEDGER_TTL_S)
+            self.ack.queue_wait(pipe)
+            self.ack.check(pipe.execute()[-1], f"the done record of order {order.key}")
+            return
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self._done_key(order), json.dumps(asdict(entry)), ex=LEDGER_TTL_S)
         pipe.delete(self._uncertain_key(order))
@@ -136,6 +157,14 @@ class OrderLedger:
         return f"{self.prefix}sending:{task_id}"
 
     def mark_sending(self, task_id: str, attempt: int) -> None:
+        """Before a request leaves; replicated first when asked, so that an answer lost in a
+        failover still counts as unknown (settled through the pending list, flagged)."""
+        if self.ack.enabled:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(self._sending_key(task_id), attempt, ex=HISTORY_TTL_S)
+            self.ack.queue_wait(pipe)
+            self.ack.check(pipe.execute()[-1], f"the sending mark of task {task_id}")
+            return
         self.redis.set(self._sending_key(task_id), attempt, ex=HISTORY_TTL_S)
 
     def clear_sending(self, task_id: str) -> None:

@@ -27,6 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from config import RedisSettings
 from worker.breaker import STATE_KEY, WAITING_KEY
 from worker.delivery import QUEUE
 
@@ -45,6 +46,8 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mipos_orders_unacknowledged_total": (
         "Orders mipos listed as pending that were never enqueued (reconciliation; each once)", ()),
     "mipos_replays_total": ("Dead letters replayed by an operator", ("action",)),
+    "mipos_redis_master_followed_total": (
+        "Times a worker process followed a new Redis master after a Sentinel failover", ()),
 }
 LATENCY = "mipos_order_latency_seconds"
 LATENCY_HELP = "From enqueue to the order accepted or denied at mipos"
@@ -158,9 +161,11 @@ def _write(pipe: Any, key: str, amounts: dict[str, int | float]) -> None:
 class RedisCollector(Collector):
     """Reads the shared counters and a few gauges from Redis at every scrape."""
 
-    def __init__(self, redis_client: redis.Redis, key_prefix: str, queue: str) -> None:
+    def __init__(self, redis_client: redis.Redis, key_prefix: str, queue: str,
+                 settings: RedisSettings | None = None) -> None:
         self.metrics = Metrics(redis_client, key_prefix)
         self.queue = queue
+        self.settings = settings  # with Sentinel: failovers so far, from the Sentinels
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -177,6 +182,31 @@ class RedisCollector(Collector):
             family = GaugeMetricFamily(name, help_text)
             family.add_metric([], value)
             yield family
+        yield from _topology_families(self.metrics.redis, self.settings)
+
+
+def _topology_families(client: redis.Redis, settings: RedisSettings | None) -> Iterator[Metric]:
+    """The master now, its online replicas, and (Sentinel) the failovers so far."""
+    from worker.topology import replication_of, sentinel_view
+
+    try:
+        state = replication_of(client)
+    except redis.RedisError:
+        return
+    master = GaugeMetricFamily("mipos_redis_master", "1 for the Redis master in use now",
+                               labels=("address",))
+    master.add_metric([state.master], 1.0)
+    yield master
+    online = GaugeMetricFamily("mipos_redis_replicas_online", "Replicas of the master that are in sync")
+    online.add_metric([], float(state.online))
+    yield online
+    if settings is not None and settings.sentinel:
+        view = sentinel_view(settings)
+        if view.failovers is not None:
+            failovers = CounterMetricFamily(
+                "mipos_redis_failovers", "Failovers of the master so far (the Sentinels' config epoch)")
+            failovers.add_metric([], float(view.failovers))
+            yield failovers
 
 
 def _counter_families(values: dict[str, float]) -> Iterator[Metric]:
@@ -235,10 +265,11 @@ def read_gauges(client: redis.Redis, prefix: str, queue: str) -> dict[str, tuple
     }
 
 
-def render(client: redis.Redis, prefix: str, queue: str) -> bytes:
-    """The Prometheus text exposition of our metrics."""
+def render(client: redis.Redis, prefix: str, queue: str,
+           settings: RedisSettings | None = None) -> bytes:
+    """The Prometheus text exposition of our metrics (with ``settings``: the topology's too)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(RedisCollector(client, prefix, queue))
+    registry.register(RedisCollector(client, prefix, queue, settings))
     return generate_latest(registry)
 
 
@@ -257,5 +288,5 @@ def register_prometheus_collector() -> None:
 
     settings = load_producer_settings()
     REGISTRY.register(RedisCollector(redis_from_url(settings.url, timeout_s=2.0, retries=0),
-                                     settings.key_prefix, queue=QUEUE))
+                                     settings.key_prefix, queue=QUEUE, settings=settings))
     _registered = True

@@ -9,13 +9,18 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from config import WorkerSettings, load_producer_settings, load_worker_settings
+from config import (
+    RedisSettings,
+    WorkerSettings,
+    is_sentinel_url,
+    load_producer_settings,
+    load_worker_settings,
+)
 from worker.breaker import CircuitBreaker
 from worker.clock import SharedClock
 from worker.deadletters import DeadLetters
@@ -24,16 +29,30 @@ from worker.ledger import OrderLedger
 from worker.metrics import Metrics
 from worker.mipos import MiposClient
 from worker.redaction import register_secret
+from worker.replication import ReplicaAck
 from worker.tokens import TokenStore
+from worker.topology import sentinel_master_client, tracker
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
 METRICS_FLUSH_EVERY_S = 1.0  # counts reach Redis (and /metrics) within about this long
 
 
-def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries: int = 3) -> redis.Redis:
-    """A client that checks a rediss:// server's certificate as the broker does (config.verified_redis_url)."""
+def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries: int = 3,
+                   settings: RedisSettings | None = None) -> redis.Redis:
+    """A client that checks a rediss:// server's certificate as the broker does (config.verified_redis_url).
+
+    A ``sentinel://`` URL gives a client of the master the Sentinels name, which
+    follows a failover (worker/topology.py); the master's name and the Sentinels'
+    password come from ``settings`` (default: the environment's). With
+    REDIS_MIN_REPLICAS_ACK a read waits up to the replica timeout for a WAIT.
+    """
     from config import verified_redis_url
 
+    settings = settings or (load_producer_settings() if is_sentinel_url(url) else None)
+    if settings is not None and settings.min_replicas_ack:
+        timeout_s = max(timeout_s, settings.replica_ack_timeout_s + 1.0)
+    if settings is not None and is_sentinel_url(url):
+        return sentinel_master_client(url, settings, timeout_s, retries)
     return redis.Redis.from_url(
         verified_redis_url(url),
         socket_timeout=timeout_s,
@@ -67,18 +86,19 @@ def get_runtime() -> Runtime:
     with _lock:
         if _runtime is None or _runtime_pid != os.getpid():
             settings = load_worker_settings()
-            for secret in (*settings.mipos.secrets(), urlsplit(settings.redis.url).password):
+            for secret in (*settings.mipos.secrets(), *settings.redis.secrets()):
                 register_secret(secret, permanent=True)
             client = MiposClient(settings.mipos)
-            r = redis_from_url(settings.redis.url)
+            r = redis_from_url(settings.redis.url, settings=settings.redis)
             prefix = settings.redis.key_prefix
             metrics = Metrics(r, prefix, flush_every_s=METRICS_FLUSH_EVERY_S)
+            tracker.listen("metrics", lambda *_: metrics.count("mipos_redis_master_followed_total"))
             _runtime = Runtime(
                 settings=settings,
                 redis=r,
                 client=client,
                 tokens=TokenStore(client, r, prefix, metrics=metrics),
-                ledger=OrderLedger(r, prefix),
+                ledger=OrderLedger(r, prefix, ReplicaAck.of(settings.redis)),
                 dead_letters=DeadLetters(r, prefix, metrics),
                 inflight=InflightRegistry(r, prefix),
                 breaker=CircuitBreaker(r, prefix, settings.breaker),
