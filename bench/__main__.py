@@ -1,20 +1,17 @@
-"""Benchmarks, each figure side by side with a baseline measured in the same run.
+"""Benchmarks against the peer a user would pick, measured so they can be trusted.
 
-    python -m bench [--orders 2000] [--smoke] [--json PATH]
+    python -m bench [--orders 2000] [--repeats 5] [--smoke] [--json PATH]
 
-Starts its own Redis, the sandbox (with an injected response latency) and
-workers as the Procfile starts them, then measures:
-
-- throughput: acceptances per second for N orders at latency 0, 50 and 200 ms,
-  against a bare ``requests.Session``-per-thread pool of the same concurrency;
-- enqueue cost in the POS: ``accept_order.delay()`` p50/p99 against a raw LPUSH
-  of a message of the same size;
-- queue latency: ``delay()`` returning → the sandbox receiving the request, at a
-  steady rate;
-- token economy: token and refresh calls on a cold start, and while tokens expire
-  every few seconds, against the logical minimum;
-- cost: worker CPU milliseconds per acceptance and peak RSS per process;
-- pools: the throughput row for prefork and threads (and gevent when installed).
+Starts its own Redis, the sandbox (its fast serving mode for throughput and
+latency rows, the full one for the token rows), and for each row runs, in
+alternation, this worker (the Procfile's ``worker:`` line), a stock Celery app
+doing the same POST (``bench/stock_celery.py``: same pool, concurrency,
+serializer, acks and events) and a bare ``requests`` thread pool. Each ratio is
+the median over ``--repeats`` pairs of runs, shown with its min and max; each
+row shows the machine's idle CPU share during its runs (lowest and median), so
+a busy machine is visible. See ``bench/runs.py`` for how a run is kept clean.
+``--json`` writes every row (with each run's figures) and ``_details``: Redis
+commands per acceptance by command, and memory per order by kind of key.
 
 Only loopback addresses; every wait is bounded.
 """
@@ -23,47 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-
-from bench.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess, wait_for
-from cli.progress import Progress
-
-ACCEPT_PATH = "/api/v1/integration/order/accept"
-STORE_ID = "5"
-
-
-@dataclass
-class Row:
-    key: str
-    label: str
-    unit: str
-    ours: float | None
-    baseline: float | None
-    higher_is_better: bool = True
-    note: str = ""
-
-    @property
-    def ratio(self) -> float | None:
-        if self.ours is None or self.baseline in (None, 0):
-            return None
-        return round(self.ours / self.baseline, 3)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+from bench.measure import percentile
+from bench.report import Goal, Row, table
+from bench.runs import Bench, RunResult
+from bench.systems import OURS, STOCK
 
 
 class PhaseLog:
@@ -71,326 +39,218 @@ class PhaseLog:
         self.quiet = quiet
         self.started = time.monotonic()
 
-    def say(self, text: str) -> None:
+    def __call__(self, text: str) -> None:
         if not self.quiet:
             print(f"[{time.monotonic() - self.started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
-class Bench:
-    def __init__(self, options: argparse.Namespace, workdir: Path, progress: PhaseLog) -> None:
+class Plan:
+    """Runs every row and keeps what the calibration row and the details need."""
+
+    def __init__(self, bench: Bench, options: argparse.Namespace, say: PhaseLog) -> None:
+        self.bench = bench
         self.options = options
-        self.workdir = workdir
-        self.progress = progress
-        self.redis = RedisServer(workdir / "redis")
-        self.sandbox = Sandbox(workdir)
-        self.control = self.sandbox.control
-        os.environ["REDIS_URL"] = self.redis.url
-        self.env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "REDIS_URL": self.redis.url,
-            "MIPOS_BASE_URL": self.sandbox.url,
-            **SANDBOX_ENV,
-            "MIPOS_TIMEOUT_S": "10",
-            "LOG_FORMAT": "json",
-            "LOG_LEVEL": "INFO",  # as in production: one line per attempt
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.workers: list[WorkerProcess] = []
+        self.say = say
+        self.rows: list[Row] = []
+        self.highest_rate = 0.0
+        self.busiest_server = 0.0  # the sandbox's share of one core in the fastest run
+        self.server_cpu_s = 0.0
+        self.server_requests = 0
+        self.details: dict[str, Any] = {}
 
-    # -- processes ----------------------------------------------------------
+    def _note_server(self, run: RunResult) -> None:
+        if run.rate > self.highest_rate:
+            self.highest_rate = run.rate
+            self.busiest_server = run.server_cpu_s * run.rate / max(1, run.requests)
+        self.server_cpu_s += run.server_cpu_s
+        self.server_requests += run.requests
 
-    def fresh(self, latency_ms: float = 0.0, **sandbox_config: Any) -> None:
-        self.stop_workers()
-        self.redis.client.flushall()
-        self.control.reset()
-        self.control.config(latency_ms=latency_ms, **sandbox_config)
+    def throughput(self, latency_ms: float, pool: str, concurrency: int, orders: int, repeats: int,
+                   *, cost_rows: bool, goal: Goal | None = None, key: str | None = None) -> None:
+        bench = self.bench
+        runs: dict[str, list[RunResult]] = {"ours": [], "stock": [], "bare": []}
+        for n in range(repeats):
+            for name in ("ours", "stock", "bare"):
+                self.say(f"{pool} x{concurrency}, latency {latency_ms:g} ms, {orders} orders: "
+                         f"{name} (run {n + 1} of {repeats})")
+                if name == "bare":
+                    run = bench.bare_run(latency_ms, concurrency, orders)
+                else:
+                    run = bench.system_run(OURS if name == "ours" else STOCK, latency_ms, pool,
+                                           concurrency, orders)
+                self.say(f"  {run.rate:.1f}/s, {run.cpu_ms:.2f} ms CPU each, machine idle {run.idle:.0%}")
+                runs[name].append(run)
+                self._note_server(run)
+        ours, stock, bare = runs["ours"], runs["stock"], runs["bare"]
+        idle = [r.idle for r in ours + stock + bare]
+        what = f"latency {latency_ms:g} ms, {pool} x{concurrency}"
+        key = key or f"throughput_{latency_ms:g}ms"
+        rate = [r.rate for r in ours]
+        self.rows.append(Row(key, f"acceptances/s, {what}", "/s", rate, [r.rate for r in bare],
+                             "bare client", goal, idle))
+        self.rows.append(Row(f"{key}_vs_stock", f"acceptances/s, {what}", "/s", rate,
+                             [r.rate for r in stock], "stock Celery", None, idle))
+        if not cost_rows:
+            return
+        cpu = [r.cpu_ms for r in ours]
+        self.rows.append(Row("cpu_ms_per_acceptance", f"worker CPU per acceptance, {what}", "ms", cpu,
+                             [r.cpu_ms for r in stock], "stock Celery", Goal("ratio", "<=", 1.2), idle))
+        self.rows.append(Row("cpu_ms_per_acceptance_vs_bare", f"CPU per acceptance, {what}", "ms", cpu,
+                             [r.cpu_ms for r in bare], "bare client", None, idle))
+        self.rows.append(Row("redis_commands_per_acceptance",
+                             "Redis commands per acceptance (producer + worker, sweeps included)", "",
+                             [r.per_order(orders)[0] for r in ours], [r.per_order(orders)[0] for r in stock],
+                             "stock Celery", Goal("ratio", "<=", 1.5), idle))
+        self.rows.append(Row("redis_cpu_ms_per_acceptance", "Redis's own CPU per acceptance", "ms",
+                             [r.redis_cpu_ms for r in ours], [r.redis_cpu_ms for r in stock],
+                             "stock Celery", None, idle))
+        self.rows.append(Row("redis_bytes_per_order", "Redis memory held beyond 1 h, per order", "B",
+                             [r.per_order(orders + 1)[1] for r in ours],
+                             [r.per_order(orders + 1)[1] for r in stock], "stock Celery",
+                             Goal("ours", "<=", 300), idle))
+        self.rows.append(Row("peak_rss_mb", f"peak RSS per worker process, {what}", "MB",
+                             [r.rss_mb for r in ours], [r.rss_mb for r in stock], "stock Celery", None, idle))
+        self.details["commands_per_acceptance"] = {
+            name: _per_command([r.commands for r in runs[name]], orders) for name in ("ours", "stock")}
+        self.details["memory_per_order"] = {
+            name: {kind: {"keys_per_order": round(keys / (orders + 1), 3),
+                          "bytes_per_order": round(size / (orders + 1), 1), "ttl_days": None if ttl < 0 else round(ttl / 86400, 2)}
+                   for kind, (keys, size, ttl) in runs[name][-1].memory.items()} for name in ("ours", "stock")}
 
-    def start_workers(self, pool: str, concurrency: int, processes: int = 1) -> None:
-        env = {**self.env, "WORKER_POOL": pool, "WORKER_CONCURRENCY": str(concurrency)}
-        for _ in range(processes):
-            worker = WorkerProcess(env, self.workdir / f"worker-{uuid.uuid4().hex[:6]}.log")
-            self.workers.append(worker)
-        for worker in self.workers:
-            worker.wait_ready(timeout=60)
+    def enqueue(self, calls: int, repeats: int) -> None:
+        cpu: dict[str, list[float]] = {"ours": [], "stock": []}
+        p50: dict[str, list[float]] = {"ours": [], "stock": []}
+        p99: dict[str, list[float]] = {"ours": [], "stock": []}
+        idle = []
+        for n in range(repeats):
+            for name in ("ours", "stock"):
+                self.say(f"enqueue cost: {calls} delay() calls, {name} (run {n + 1} of {repeats})")
+                cpu_ms, wall, run_idle = self.bench.enqueue_probe(name, calls)
+                cpu[name].append(cpu_ms)
+                p50[name].append(percentile(wall, 50))
+                p99[name].append(percentile(wall, 99))
+                idle.append(run_idle)
+        self.say(f"enqueue cost: {calls} raw LPUSH calls")
+        _, raw, raw_idle = self.bench.enqueue_probe("lpush", calls)
+        goal = Goal("ratio", "<=", 1.2)
+        self.rows += [
+            Row("enqueue_cpu_ms", "delay() CPU per call in the POS (task-sent events on)", "ms",
+                cpu["ours"], cpu["stock"], "stock Celery", goal, idle),
+            Row("enqueue_p50_ms", "delay() p50", "ms", p50["ours"], p50["stock"], "stock Celery", None, idle),
+            Row("enqueue_p99_ms", "delay() p99", "ms", p99["ours"], p99["stock"], "stock Celery", goal, idle),
+            Row("enqueue_p99_vs_lpush_ms", "delay() p99", "ms", p99["ours"],
+                [percentile(raw, 99)] * len(p99["ours"]), "raw LPUSH", None, idle + [raw_idle]),
+        ]
 
-    def stop_workers(self) -> None:
-        for worker in self.workers:
-            worker.stop()
-        self.workers = []
+    def queue_latency(self, rate: float, seconds: float, pool: str, concurrency: int, repeats: int) -> None:
+        p50: dict[str, list[float]] = {"ours": [], "stock": []}
+        p99: dict[str, list[float]] = {"ours": [], "stock": []}
+        idle = []
+        for n in range(repeats):
+            for system in (OURS, STOCK):
+                self.say(f"queue latency at {rate:g}/s for {seconds:g} s: {system.name} "
+                         f"(run {n + 1} of {repeats})")
+                latencies, run_idle = self.bench.queue_latency(system, rate, seconds, pool, concurrency)
+                p50[system.name].append(percentile(latencies, 50))
+                p99[system.name].append(percentile(latencies, 99))
+                idle.append(run_idle)
+                self.say(f"  p50 {p50[system.name][-1]:.2f} ms, p99 {p99[system.name][-1]:.2f} ms, "
+                         f"machine idle {run_idle:.0%}")
+        what = f"delay() returning → the sandbox receiving the request, at {rate:g}/s"
+        self.rows += [
+            Row("queue_latency_p50_ms", f"{what}, p50", "ms", p50["ours"], p50["stock"], "stock Celery",
+                None, idle),
+            Row("queue_latency_p99_ms", f"{what}, p99", "ms", p99["ours"], p99["stock"], "stock Celery",
+                Goal("ours", "<=", 20), idle),
+        ]
 
-    def stop(self) -> None:
-        self.stop_workers()
-        self.sandbox.stop()
-        self.redis.stop()
+    def tokens(self, cold_orders: int, ttl_s: float, stream_s: float, pool: str, concurrency: int) -> None:
+        self.say(f"token economy: {cold_orders} orders cold on 2 processes, then tokens expiring "
+                 f"every {ttl_s:g} s")
+        cold, minimum, during, needed, sandbox_ms = self.bench.token_economy(
+            OURS, cold_orders, ttl_s, stream_s, pool, concurrency)
+        self.rows += [
+            Row("token_calls_cold_start", f"token + refresh calls, {cold_orders} orders at once, cold, "
+                "2 processes", "", [cold], [minimum], "the minimum", Goal("ours", "<=", 1)),
+            Row("token_calls_expiring", f"token + refresh calls, token expiring every {ttl_s:g} s, "
+                f"{stream_s:g} s stream", "", [during], [needed], "1 + one per expiry"),
+        ]
+        self.details["stdlib_sandbox_cpu_ms_per_request"] = round(sandbox_ms, 3)
 
-    # -- helpers --------------------------------------------------------------
-
-    def enqueue(self, count: int) -> dict[str, float]:
-        from tasks import accept_order
-
-        returned = {}
-        for n in range(count):
-            order_id = str(uuid.uuid4())
-            accept_order.delay(delivery_id=n + 1, store_id=STORE_ID, order_external_id=order_id)
-            returned[order_id] = time.time()
-        return returned
-
-    def wait_accepted(self, count: int, timeout: float) -> None:
-        progress = Progress("bench: accepted", total=count,
-                            enabled=count > 1 and not self.progress.quiet)
-
-        def all_accepted() -> bool:
-            accepted = int(self.control.stats()["accepted_orders"])
-            progress.update(accepted)
-            return accepted >= count
-        wait_for(all_accepted, timeout=timeout, interval=0.1, what=f"{count} acceptances")
-        progress.finish()
-
-    def accept_times(self) -> dict[str, float]:
-        return {r["body"]["order_external_id"]: r["time"]
-                for r in self.control.requests(path=ACCEPT_PATH) if r["status"] == 200}
-
-    def worker_cpu_s(self) -> float:
-        total = 0.0
-        tick = os.sysconf("SC_CLK_TCK")
-        for pid in self._worker_pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-            except (OSError, IndexError):
-                continue
-        return total
-
-    def worker_peak_rss_mb(self) -> float:
-        peak = 0.0
-        for pid in self._worker_pids():
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]) / 1024)
-            except OSError:
-                continue
-        return round(peak, 1)
-
-    def _worker_pids(self) -> list[int]:
-        groups = {w.proc.pid for w in self.workers}
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                    if int(fields[2]) in groups:  # process group
-                        pids.append(int(entry.name))
-                except (OSError, IndexError):
-                    continue
-        return pids
-
-    # -- measurements ------------------------------------------------------------
-
-    def throughput(self, latency_ms: float, pool: str, concurrency: int,
-                   orders: int) -> tuple[float, float, float, float]:
-        """(ours/s, baseline/s, worker CPU ms per acceptance, peak RSS MB)."""
-        self.fresh(latency_ms)
-        self.start_workers(pool, concurrency)
-        self.enqueue(1)  # warm: token, connections
-        self.wait_accepted(1, timeout=30)
-        cpu_before = self.worker_cpu_s()
-        started = time.time()
-        self.enqueue(orders)
-        self.wait_accepted(orders + 1, timeout=120 + orders * (latency_ms / 1000 + 0.02) * 2)
-        last = max(self.accept_times().values())
-        ours = orders / (last - started)
-        cpu_ms = (self.worker_cpu_s() - cpu_before) * 1000 / orders
-        rss = self.worker_peak_rss_mb()
-        self.stop_workers()
-        baseline = self.baseline_throughput(concurrency, orders)
-        return round(ours, 1), round(baseline, 1), round(cpu_ms, 2), rss
-
-    def baseline_throughput(self, concurrency: int, orders: int) -> float:
-        token = requests.post(self.sandbox.url + "/api/oauth/token", timeout=10, json={
-            "client_id": SANDBOX_ENV["MIPOS_CLIENT_ID"], "client_secret": SANDBOX_ENV["MIPOS_CLIENT_SECRET"],
-            "grant_type": "client_credentials", "email": SANDBOX_ENV["MIPOS_EMAIL"],
-            "password": SANDBOX_ENV["MIPOS_PASSWORD"]}).json()["data"]["token"]
-        local = threading.local()
-
-        def post(n: int) -> int:
-            session = getattr(local, "session", None)
-            if session is None:
-                session = local.session = requests.Session()
-            body = {"delivery_id": str(n), "store_id": STORE_ID, "order_external_id": str(uuid.uuid4())}
-            return session.post(self.sandbox.url + ACCEPT_PATH, json=body, timeout=(10, 10),
-                                headers={"Authorization": f"Bearer {token}"}).status_code
-
-        started = time.time()
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            statuses = list(pool.map(post, range(orders)))
-        elapsed = time.time() - started
-        assert statuses.count(200) == orders, "the baseline's requests must all succeed"
-        return orders / elapsed
-
-    def enqueue_cost(self, calls: int) -> tuple[list[float], list[float]]:
-        from tasks import accept_order
-
-        self.fresh()
-        ours = []
-        for n in range(calls):
-            order_id = str(uuid.uuid4())
-            t0 = time.perf_counter()
-            accept_order.delay(delivery_id=n, store_id=STORE_ID, order_external_id=order_id)
-            ours.append((time.perf_counter() - t0) * 1000)
-        message = self.redis.client.lindex("mipos", 0)
-        client = self.redis.client
-        raw = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            client.lpush("bench:raw", message)
-            raw.append((time.perf_counter() - t0) * 1000)
-        return ours, raw
-
-    def queue_latency(self, rate: float, seconds: float, pool: str, concurrency: int) -> list[float]:
-        self.fresh()
-        self.start_workers(pool, concurrency)
-        self.enqueue(1)
-        self.wait_accepted(1, timeout=30)
-        returned: dict[str, float] = {}
-        interval = 1.0 / rate
-        next_at = time.perf_counter()
-        for _ in range(int(rate * seconds)):
-            returned.update(self.enqueue(1))
-            next_at += interval
-            delay = next_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)  # the steady pace being measured, not synchronisation
-        self.wait_accepted(len(returned) + 1, timeout=60)
-        received = self.accept_times()
-        self.stop_workers()
-        return [(received[o] - returned[o]) * 1000 for o in returned if o in received]
-
-    def token_economy(self, cold_orders: int, ttl_s: float, stream_s: float, pool: str,
-                      concurrency: int) -> tuple[int, int, int, int]:
-        """(cold-start calls, 1; calls during the expiring run, rotations needed)."""
-        self.fresh()
-        self.start_workers(pool, concurrency, processes=2)
-        self.enqueue(cold_orders)
-        self.wait_accepted(cold_orders, timeout=120)
-        stats = self.control.stats()
-        cold = stats["token_calls"] + stats["refresh_calls"]
-        self.stop_workers()
-
-        self.fresh(token_ttl_s=ttl_s)
-        self.start_workers(pool, concurrency, processes=2)
-        started = time.time()
-        sent = 0
-        while time.time() - started < stream_s:
-            self.enqueue(5)
-            sent += 5
-            time.sleep(0.1)  # a steady stream across several token lifetimes
-        self.wait_accepted(sent, timeout=60)
-        elapsed = time.time() - started
-        stats = self.control.stats()
-        during = stats["token_calls"] + stats["refresh_calls"]
-        self.stop_workers()
-        return cold, 1, during, 1 + int(elapsed // ttl_s)
+    def calibration(self) -> None:
+        per_request_ms = self.server_cpu_s * 1000 / max(1, self.server_requests)
+        capacity = 1000 / per_request_ms if per_request_ms > 0 else float("inf")
+        stdlib_ms = self.details.get("stdlib_sandbox_cpu_ms_per_request")
+        note = (f"fast sandbox: {per_request_ms:.3f} ms CPU a request, busy {self.busiest_server:.0%} "
+                f"of one core in the fastest run")
+        if stdlib_ms:
+            note += f"; the full sandbox: {stdlib_ms:.2f} ms CPU a request"
+        self.rows.append(Row("sandbox_capacity", "sandbox capacity on one core vs the highest rate "
+                             "measured", "/s", [round(capacity, 1)], [round(self.highest_rate, 1)],
+                             "highest rate", Goal("ratio", ">=", 2), note=note))
 
 
-def gevent_available() -> bool:
-    try:
-        import gevent  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _per_command(runs: list[dict[str, int]], orders: int) -> dict[str, float]:
+    names = {name for run in runs for name in run}
+    per = {name: round(statistics.median(run.get(name, 0) for run in runs) / orders, 3) for name in names}
+    return dict(sorted(per.items(), key=lambda item: -item[1]))
 
 
-def run(options: argparse.Namespace) -> list[Row]:
-    progress = PhaseLog(options.quiet)
-    workdir = Path(tempfile.mkdtemp(prefix="mipos-bench-"))
-    bench = Bench(options, workdir, progress)
-    rows: list[Row] = []
+def run(options: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
+    say = PhaseLog(options.quiet)
+    bench = Bench(Path(tempfile.mkdtemp(prefix="mipos-bench-")), say)
+    plan = Plan(bench, options, say)
     smoke = options.smoke
+    repeats = 1 if smoke else options.repeats
     orders = 40 if smoke else options.orders
     pool, concurrency = options.pool, options.concurrency
     try:
-        for latency in ([0] if smoke else [0, 50, 200]):
-            progress.say(f"throughput at {latency} ms, {pool} x{concurrency}, {orders} orders")
-            ours, base, cpu_ms, rss = bench.throughput(latency, pool, concurrency, orders)
-            rows.append(Row(f"throughput_{latency}ms",
-                            f"acceptances/s, latency {latency} ms ({pool} x{concurrency})",
-                            "1/s", ours, base))
-            if latency == 0:
-                rows.append(Row("cpu_ms_per_acceptance", "worker CPU ms per acceptance (latency 0)",
-                                "ms", cpu_ms, None, higher_is_better=False))
-                rows.append(Row("peak_rss_mb", "peak RSS per worker process", "MB", rss, None,
-                                higher_is_better=False))
-        others = [("prefork", 8), ("threads", 16)] + ([("gevent", 64)] if gevent_available() else [])
-        for other, other_concurrency in others:
-            if (other, other_concurrency) == (pool, concurrency):
-                continue
-            progress.say(f"throughput at 50 ms, {other} x{other_concurrency}")
-            ours, base, _, rss = bench.throughput(0 if smoke else 50, other, other_concurrency, orders)
-            rows.append(Row(f"pool_{other}_{other_concurrency}",
-                            f"{other} x{other_concurrency}: acceptances/s "
-                            f"(latency {0 if smoke else 50} ms; peak RSS per process {rss} MB)",
-                            "1/s", ours, base))
-        if not gevent_available():
-            rows.append(Row("pool_gevent", "gevent: not installed (pip install gevent)", "1/s", None, None))
-
-        calls = 200 if smoke else 10_000
-        progress.say(f"enqueue cost, {calls} calls")
-        ours_ms, raw_ms = bench.enqueue_cost(calls)
-        rows.append(Row("enqueue_p50_ms", "delay() p50 vs raw LPUSH", "ms",
-                        round(percentile(ours_ms, 50), 3), round(percentile(raw_ms, 50), 3), False))
-        rows.append(Row("enqueue_p99_ms", "delay() p99 vs raw LPUSH", "ms",
-                        round(percentile(ours_ms, 99), 3), round(percentile(raw_ms, 99), 3), False))
-
-        rate, seconds = (20.0, 1.0) if smoke else (100.0, 20.0)
-        progress.say(f"queue latency at {rate:.0f} orders/s for {seconds:.0f} s")
-        latencies = bench.queue_latency(rate, seconds, pool, concurrency)
-        rows.append(Row("queue_latency_p50_ms", f"delay() → sandbox, p50 at {rate:.0f}/s", "ms",
-                        round(percentile(latencies, 50), 2), None, False))
-        rows.append(Row("queue_latency_p99_ms", f"delay() → sandbox, p99 at {rate:.0f}/s", "ms",
-                        round(percentile(latencies, 99), 2), None, False,
-                        note=f"mean {statistics.mean(latencies):.2f} ms over {len(latencies)} orders"))
-
-        cold_n, ttl, stream = (50, 1.0, 3.0) if smoke else (500, 5.0, 20.0)
-        progress.say(f"token economy: {cold_n} orders cold, then tokens expiring every {ttl:.0f} s")
-        cold, cold_min, during, needed = bench.token_economy(cold_n, ttl, stream, pool, concurrency)
-        rows.append(Row("token_calls_cold_start", f"token+refresh calls, {cold_n} orders cold, 2 processes",
-                        "calls", cold, cold_min, False))
-        rows.append(Row("token_calls_expiring", f"token+refresh calls, token expiring every {ttl:.0f} s",
-                        "calls", during, needed, False, note="baseline: the logical minimum"))
+        plan.throughput(0, pool, concurrency, orders, repeats, cost_rows=True)
+        if not smoke:
+            plan.throughput(50, pool, concurrency, orders, repeats, cost_rows=False,
+                            goal=Goal("ratio", ">=", 0.95))
+            if options.prefork:
+                plan.throughput(50, "prefork", 8, options.prefork_orders, repeats, cost_rows=False,
+                                key="pool_prefork_8_50ms")
+        plan.enqueue(200 if smoke else options.enqueue_calls, repeats)
+        rate, seconds = (20.0, 1.0) if smoke else (100.0, options.latency_seconds)
+        plan.queue_latency(rate, seconds, pool, concurrency, repeats)
+        plan.tokens(*((50, 1.0, 3.0) if smoke else (500, 5.0, 20.0)), pool, concurrency)
+        plan.calibration()
     finally:
         bench.stop()
-    return rows
-
-
-def table(rows: list[Row]) -> str:
-    lines = ["| measure | ours | baseline | ratio |", "|---|---|---|---|"]
-    def show(value: float | None, unit: str) -> str:
-        return "–" if value is None else f"{value:g} {unit}"
-
-    for row in rows:
-        ratio = "–" if row.ratio is None else f"{row.ratio:.2f}"
-        lines.append(f"| {row.label} | {show(row.ours, row.unit)} | {show(row.baseline, row.unit)} | {ratio} |")
-    return "\n".join(lines)
+    return plan.rows, plan.details
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--orders", type=int, default=2000)
+    parser.add_argument("--orders", type=int, default=2000, help="orders in a throughput run")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs a row (default 5)")
     parser.add_argument("--pool", default="threads", help="the worker's pool (the Procfile's default)")
     parser.add_argument("--concurrency", type=int, default=16, help="the pool's size (the Procfile's default)")
-    parser.add_argument("--smoke", action="store_true", help="a few dozen orders: checks it runs")
+    parser.add_argument("--prefork", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the prefork x8 row at 50 ms")
+    parser.add_argument("--prefork-orders", type=int, default=1000)
+    parser.add_argument("--enqueue-calls", type=int, default=3000)
+    parser.add_argument("--latency-seconds", type=float, default=10.0,
+                        help="length of a queue-latency run at 100 orders/s")
+    parser.add_argument("--smoke", action="store_true", help="a few dozen orders, one run each: checks it runs")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--quiet", action="store_true")
     options = parser.parse_args(argv)
-    rows = run(options)
+    started = time.monotonic()
+    rows, details = run(options)
     print(table(rows))
+    took = time.monotonic() - started
+    print(f"\n{len(rows)} rows in {took / 60:.1f} min; python -m bench "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])}")
     if options.json:
-        options.json.write_text(json.dumps(
-            {row.key: {"label": row.label, "unit": row.unit, "ours": row.ours,
-                       "baseline": row.baseline, "ratio": row.ratio} for row in rows}, indent=2))
+        document: dict[str, Any] = {row.key: row.as_json() for row in rows}
+        document["_details"] = details
+        document["_machine"] = {"python": platform.python_version(), "platform": platform.platform(),
+                                "minutes": round(took / 60, 1)}
+        options.json.write_text(json.dumps(document, indent=2))
     return 0
 
 

@@ -48,10 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox", description=__doc__)
     add_arguments(parser)
+    parser.add_argument("--fast", action="store_true",
+                        help="the fast serving mode for benchmarks (sandbox/fast.py): token, refresh, "
+                             "accept and deny only, no faults")
     return serve(parser.parse_args(argv))
 
 
 def serve(options: argparse.Namespace) -> int:
+    if getattr(options, "fast", False):
+        from sandbox.fast import serve_fast
+
+        return serve_fast(options.host, options.port, dict(SANDBOX_CREDENTIALS),
+                          options.token_ttl_s, options.latency_ms)
     fault_rates = dict(options.fault_rate)
     config = SandboxConfig(
         token_ttl_s=options.token_ttl_s,
