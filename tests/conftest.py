@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from bench.processes import SANDBOX_ENV
+from tests import postgres
 from tests.harness import RedisServer, Sandbox, WorkerProcess, read_json_lines, wait_for
 from worker.deadletters import DeadLetter, DeadLetters
 
@@ -36,6 +37,16 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[postgres.PostgresServer]:
+    """One PostgreSQL for the outbox tests; each test makes its own database in it."""
+    if not postgres.available():
+        pytest.fail("PostgreSQL is not installed: run scripts/install-system-packages")
+    server = postgres.PostgresServer()
     yield server
     server.stop()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,15 +91,6 @@ OUTBOX = SETUP + """
     report["queued"] = queued(committed)  # nothing goes to Redis from the POS's process
     print(json.dumps(report))
 """
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[postgres.PostgresServer]:
-    if not postgres.available():
-        pytest.fail("PostgreSQL is not installed: run scripts/install-system-packages")
-    server = postgres.PostgresServer()
-    yield server
-    server.stop()
 
 
 def django_env(redis_url: str, database: str) -> dict[str, str]:

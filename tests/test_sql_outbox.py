@@ -18,19 +18,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests import mariadb, postgres
+from tests import mariadb
 from tests.harness import RedisServer
 
 QUEUE = "mipos"
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[postgres.PostgresServer]:
-    if not postgres.available():
-        pytest.fail("PostgreSQL is not installed: run scripts/install-system-packages")
-    server = postgres.PostgresServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

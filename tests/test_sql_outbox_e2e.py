@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,15 +49,6 @@ RELAY_DIES_BEFORE_DELETE = """
     relay._delete = die
     relay.run_once()
 """
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[postgres.PostgresServer]:
-    if not postgres.available():
-        pytest.fail("PostgreSQL is not installed: run scripts/install-system-packages")
-    server = postgres.PostgresServer()
-    yield server
-    server.stop()
 
 
 def pos_database(kind: str, tmp_path: Path, pg_server: postgres.PostgresServer) -> str:
