@@ -142,3 +142,16 @@ def test_retry_after_is_capped() -> None:
     assert parse_retry_after("1e308") == RETRY_AFTER_MAX_S
     assert parse_retry_after("Sun, 29 Nov 2126 10:00:00 GMT", now=1795946400.0) == RETRY_AFTER_MAX_S
     assert parse_retry_after("Sun, 29 Nov 2020 10:00:00 GMT", now=1795946400.0) == 0.0
+
+
+@pytest.mark.parametrize(("status", "raw", "unknown"), [
+    (200, b'{"message": ["Operation completed successfully"], "data": null}', False),
+    (200, b"<html>ok</html>", True),  # mipos said OK in a form we cannot read
+    (502, b"<html>bad gateway</html>", True),  # a proxy answered for mipos
+    (504, b"<html>gateway timeout</html>", True),
+    (500, b'{"message": "Server Error"}', False),  # mipos itself refused
+    (503, b"<html>unavailable</html>", False),
+    (409, b'{"message": ["Unable to get token."], "data": null}', False),
+])
+def test_outcome_unknown_by_status(status: int, raw: bytes, unknown: bool) -> None:
+    assert Answer.from_body(status, raw).outcome_unknown is unknown

@@ -94,6 +94,9 @@ STATUS_CLASSES: dict[int, ErrorClass] = {
     429: ErrorClass.TRANSIENT,
 }
 SERVER_ERROR_CLASS = ErrorClass.TRANSIENT  # 5xx
+# A proxy in front of mipos answered for it (bad gateway, gateway timeout): the
+# request may have reached mipos and been applied, so the outcome is unknown.
+GATEWAY_STATUSES = frozenset({502, 504})
 OTHER_CLIENT_ERROR_CLASS = ErrorClass.PERMANENT  # any other 4xx
 UNDOCUMENTED_BODY_CLASS = ErrorClass.TRANSIENT  # an answer whose body is not the documented JSON
 NO_ANSWER_CLASS = ErrorClass.TRANSIENT  # refused, reset, DNS, connect or read timeout
@@ -144,8 +147,10 @@ class Answer:
             text=text + (_CUT if truncated and len(text) < MAX_TEXT_CHARS else ""),
             retry_after_s=parse_retry_after(retry_after),
             elapsed_ms=elapsed_ms,
-            # 200 with a body we cannot read: mipos may well have done it.
-            outcome_unknown=status == 200 and not _is_documented_success(body),
+            # 200 with a body we cannot read: mipos may well have done it; and a
+            # gateway's 502/504 may stand for a request that reached mipos.
+            outcome_unknown=(status == 200 and not _is_documented_success(body))
+            or status in GATEWAY_STATUSES,
         )
 
     @classmethod
