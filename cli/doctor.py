@@ -74,7 +74,8 @@ def run_checks(options: DoctorOptions) -> list[Check]:
     else:
         checks.append(_mipos_check(worker_settings))
     if client is None:
-        for name in ("workers", "queue", "oldest waiting", "dead letters", "circuit breaker"):
+        for name in ("workers", "queue", "oldest waiting", "dead letters", "circuit breaker",
+                     "redis memory"):
             checks.append(Check(name, "skipped", "Redis cannot be reached"))
         return checks
     prefix = redis_settings.key_prefix
@@ -90,7 +91,20 @@ def run_checks(options: DoctorOptions) -> list[Check]:
     checks.extend(_queue_checks(client, gauges, options.max_wait_s))
     checks.append(_dead_letters_check(client, prefix))
     checks.append(_breaker_check(gauges))
+    checks.append(_memory_check(client, worker_settings))
     return checks
+
+
+def _memory_check(client: redis.Redis, settings: WorkerSettings | None) -> Check:
+    from cli.memory import memory_check_detail
+
+    if settings is None:
+        return Check("redis memory", "skipped", "the worker settings are not valid")
+    try:
+        status, detail = memory_check_detail(client, settings)
+    except redis.RedisError as exc:
+        return Check("redis memory", "warn", f"cannot read Redis's memory figures: {exc}")
+    return Check("redis memory", "ok" if status == "ok" else "warn", detail)
 
 
 def _redis_check(settings: RedisSettings, checks: list[Check]) -> redis.Redis | None:

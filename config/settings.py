@@ -30,6 +30,12 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_MIPOS_BASE_URL = "https://integrations.mipos.shop"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "console")
+# The done record: deduplication and reconciliation need it for the redelivery horizon
+# (about 19 minutes by default); a day also covers a POS replaying yesterday's queue.
+DEFAULT_LEDGER_RETENTION_S = 24 * 3600
+# The attempt history and the order's task index: the running task needs them for the
+# same horizon; beyond it only `mipos-worker order` reads them (dead letters keep a copy).
+DEFAULT_HISTORY_RETENTION_S = 3600
 CREDENTIAL_NAMES = ("MIPOS_CLIENT_ID", "MIPOS_CLIENT_SECRET", "MIPOS_EMAIL", "MIPOS_PASSWORD")
 # Secrets are replaced wherever they occur in a log line; a shorter one would
 # match ordinary words and ids, and the replacements would spell it out.
@@ -117,6 +123,14 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long Redis keeps each kind of record of a finished order (worker/retention.py)."""
+
+    done_s: float = DEFAULT_LEDGER_RETENTION_S  # MIPOS_LEDGER_RETENTION_S: the done record
+    history_s: float = DEFAULT_HISTORY_RETENTION_S  # MIPOS_HISTORY_RETENTION_S: attempts, task index
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     redis: RedisSettings
     mipos: MiposSettings
@@ -127,6 +141,7 @@ class WorkerSettings:
     reconcile: ReconcileSettings
     confirm_with_pending_list: bool  # after an unknown outcome, ask the pending list first
     breaker: BreakerConfig
+    retention: RetentionSettings = RetentionSettings()
 
     @property
     def delivery(self) -> DeliverySettings:
@@ -377,6 +392,19 @@ def load_reconcile_settings(env: Mapping[str, str] | None = None) -> ReconcileSe
     return _load(_read_reconcile, env)
 
 
+def _read_retention(reader: _Reader) -> RetentionSettings:
+    return RetentionSettings(
+        done_s=reader.positive_float("MIPOS_LEDGER_RETENTION_S", str(DEFAULT_LEDGER_RETENTION_S)),
+        history_s=reader.positive_float("MIPOS_HISTORY_RETENTION_S", str(DEFAULT_HISTORY_RETENTION_S)),
+    )
+
+
+def load_retention_settings(env: Mapping[str, str] | None = None) -> RetentionSettings:
+    """The retention settings alone (the POS side's registration keeps the task index as long);
+    their floor is checked with the worker's settings (``load_worker_settings``)."""
+    return _load(_read_retention, env)
+
+
 def load_producer_settings(env: Mapping[str, str] | None = None) -> RedisSettings:
     """What the POS side needs to enqueue: Redis only, no mipos credentials."""
     return _load(_read_redis, env)
@@ -422,6 +450,18 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
             probe_interval_s=reader.positive_float("MIPOS_BREAKER_PROBE_INTERVAL_S", "2"),
             rate_limit_per_s=reader.positive_int("MIPOS_RATE_LIMIT_PER_S", "200"),
         ),
+        retention=_read_retention(reader),
     )
+    if not reader.problems:
+        # The floors come from the delivery chain (worker/delivery.py), once every other
+        # setting is valid: an unset retention is raised to its floor, a given one is checked.
+        from worker.retention import minimum_history_retention_s, minimum_ledger_retention_s, retention_problems
+
+        settings = replace(settings, retention=RetentionSettings(
+            done_s=(settings.retention.done_s if reader.raw("MIPOS_LEDGER_RETENTION_S", None)
+                    else max(settings.retention.done_s, minimum_ledger_retention_s(settings))),
+            history_s=(settings.retention.history_s if reader.raw("MIPOS_HISTORY_RETENTION_S", None)
+                       else max(settings.retention.history_s, minimum_history_retention_s(settings)))))
+        reader.problems.extend(retention_problems(settings))
     reader.check()
     return settings

@@ -6,6 +6,7 @@ from config import (
     SettingsError,
     load_delivery_settings,
     load_producer_settings,
+    load_retention_settings,
     load_worker_settings,
 )
 
@@ -139,3 +140,48 @@ def test_delivery_settings_are_validated() -> None:
         load_delivery_settings({"MIPOS_TIMEOUT_S": "soon", "MIPOS_VISIBILITY_TIMEOUT_S": "-1"})
     text = str(info.value)
     assert "MIPOS_TIMEOUT_S='soon'" in text and "MIPOS_VISIBILITY_TIMEOUT_S=-1" in text
+
+
+# -- how long a finished order's records stay (issue 15, item 7) ----------------------------
+
+
+def test_retention_defaults() -> None:
+    s = load_worker_settings(CREDENTIALS)
+    assert (s.retention.done_s, s.retention.history_s) == (86400.0, 3600.0)
+    assert load_retention_settings({}) == s.retention
+    given = load_worker_settings({**CREDENTIALS, "MIPOS_LEDGER_RETENTION_S": "7200",
+                                  "MIPOS_HISTORY_RETENTION_S": "1800.5"}).retention
+    assert (given.done_s, given.history_s) == (7200.0, 1800.5)
+    assert load_retention_settings({"MIPOS_HISTORY_RETENTION_S": "1800.5"}).history_s == 1800.5
+
+
+def test_malformed_retentions_are_named() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_worker_settings({**CREDENTIALS, "MIPOS_LEDGER_RETENTION_S": "a week",
+                              "MIPOS_HISTORY_RETENTION_S": "0"})
+    text = str(info.value)
+    assert "MIPOS_LEDGER_RETENTION_S='a week' is not a number" in text
+    assert "MIPOS_HISTORY_RETENTION_S=0.0 must be a number greater than 0" in text
+
+
+def test_a_retention_below_the_redelivery_horizon_is_refused_naming_the_minimum() -> None:
+    # Defaults: deadline 600 + attempt 120 + margin 12 + visibility 180 + rescue window 225.
+    with pytest.raises(SettingsError) as info:
+        load_worker_settings({**CREDENTIALS, "MIPOS_LEDGER_RETENTION_S": "1136",
+                              "MIPOS_HISTORY_RETENTION_S": "1000"})
+    text = str(info.value)
+    assert "MIPOS_LEDGER_RETENTION_S=1136 is too short" in text and "at least 1137" in text
+    assert "MIPOS_HISTORY_RETENTION_S=1000 is too short" in text
+    assert "MIPOS_RETRY_DEADLINE_S=600" in text
+    s = load_worker_settings({**CREDENTIALS, "MIPOS_LEDGER_RETENTION_S": "1137",
+                              "MIPOS_HISTORY_RETENTION_S": "1137"})
+    assert s.retention.done_s == 1137
+    # A longer deadline moves the floor: an unset history retention follows it, a given one is refused.
+    longer = {**CREDENTIALS, "MIPOS_RETRY_DEADLINE_S": "3600"}
+    assert load_worker_settings(longer).retention.history_s == 4137
+    with pytest.raises(SettingsError, match=r"MIPOS_HISTORY_RETENTION_S=3600 is too short.*at least 4137"):
+        load_worker_settings({**longer, "MIPOS_HISTORY_RETENTION_S": "3600"})
+    # The reconciliation's window sets the done record's floor when the horizon is short.
+    fast = {**CREDENTIALS, "MIPOS_TIMEOUT_S": "1", "MIPOS_RETRY_DEADLINE_S": "60"}
+    with pytest.raises(SettingsError, match=r"MIPOS_LEDGER_RETENTION_S=779 .*at least 780"):
+        load_worker_settings({**fast, "MIPOS_LEDGER_RETENTION_S": "779", "MIPOS_HISTORY_RETENTION_S": "251"})

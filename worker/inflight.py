@@ -12,12 +12,14 @@ re-publishes any entry that is stale and is neither queued nor unacknowledged.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import redis
 
+from config import load_retention_settings
 from worker.clock import redis_time
-from worker.ledger import HISTORY_TTL_S, order_tasks_key
+from worker.ledger import order_tasks_key
 from worker.orders import order_key
 from worker.stamps import STAMPS_KEY
 
@@ -26,7 +28,9 @@ InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; w
 # Register a message about to be published, stamped with Redis's clock in the same
 # round trip: the enqueue time (given, or now minus the order's age on the
 # producer's own clock) and the publish time. Returns the enqueue time as a
-# string (a Lua number would come back truncated to an integer).
+# string (a Lua number would come back truncated to an integer). The order's task
+# index is kept at least MIPOS_HISTORY_RETENTION_S, never shortened: the worker
+# sets it to its own retention after each attempt (worker/ledger.py).
 _REGISTER = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -36,15 +40,17 @@ redis.call('hset', KEYS[1], ARGV[1], '{"task":' .. cjson.encode(ARGV[2]) .. ',"e
   .. ',"published_at":' .. string.format('%.6f', now) .. ',"kwargs":' .. ARGV[3] .. '}')
 redis.call('zadd', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
 redis.call('zadd', KEYS[3], 'NX', now, ARGV[1])
-redis.call('expire', KEYS[3], ARGV[7])
+if redis.call('ttl', KEYS[3]) < tonumber(ARGV[7]) then redis.call('expire', KEYS[3], ARGV[7]) end
 return stamp
 """
 
 
 class InflightRegistry:
-    def __init__(self, redis_client: redis.Redis, key_prefix: str) -> None:
+    def __init__(self, redis_client: redis.Redis, key_prefix: str,
+                 index_ttl_s: float | None = None) -> None:
         self.redis = redis_client
         self.prefix = key_prefix
+        self._index_ttl_s = index_ttl_s
         self.entries_key = f"{key_prefix}inflight"
         self.heartbeats_key = f"{key_prefix}inflight:heartbeat"
         self._register = redis_client.register_script(_REGISTER)
@@ -66,9 +72,16 @@ class InflightRegistry:
             keys=[self.entries_key, self.heartbeats_key, order_tasks_key(self.prefix, okey)],
             args=[task_id, task_name, json.dumps(kwargs), countdown or 0.0,
                   "" if enqueued_at is None else repr(float(enqueued_at)), max(0.0, age_s),
-                  HISTORY_TTL_S],
+                  max(1, math.ceil(self.index_ttl_s))],
         )
         return float(stamp)
+
+    @property
+    def index_ttl_s(self) -> float:
+        """MIPOS_HISTORY_RETENTION_S: given, else read when first needed (the POS side)."""
+        if self._index_ttl_s is None:
+            self._index_ttl_s = load_retention_settings().history_s
+        return self._index_ttl_s
 
     def entry(self, task_id: str) -> InflightEntry | None:
         """The registered message of an unfinished task and when it is next due; None if final."""

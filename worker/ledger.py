@@ -11,21 +11,23 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis
 
+from config import RetentionSettings
 from worker.locks import release_lock
 from worker.orders import Action, Order
 from worker.replication import NO_ACK, ReplicaAck
+from worker.retention import configured_retention
 
-LEDGER_TTL_S = 7 * 24 * 3600  # far past mipos's 10-minute window; bounds Redis memory
-HISTORY_TTL_S = 7 * 24 * 3600
+# How long each kind of record stays: settings (config/settings.py), floors in worker/retention.py.
 
 
 def order_tasks_key(key_prefix: str, order_key: str) -> str:
@@ -33,10 +35,14 @@ def order_tasks_key(key_prefix: str, order_key: str) -> str:
     return f"{key_prefix}order-tasks:{order_key}"
 
 
-def note_order_task(pipe: Any, key_prefix: str, order_key: str, task_id: str) -> None:
+def note_order_task(pipe: Any, key_prefix: str, order_key: str, task_id: str, ttl_s: float) -> None:
     key = order_tasks_key(key_prefix, order_key)
     pipe.zadd(key, {task_id: time.time()}, nx=True)
-    pipe.expire(key, HISTORY_TTL_S)
+    pipe.expire(key, _seconds(ttl_s))
+
+
+def _seconds(ttl_s: float) -> int:
+    return max(1, math.ceil(ttl_s))
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,23 @@ class LedgerEntry:
     store_id: str | None = None
     order_external_id: str | None = None
     confirmed_by: str | None = None  # "pending_list": mipos stopped listing it after an unknown outcome
+
+    def compact_json(self) -> str:
+        """The stored form: no field the key already holds (the store and order ids), no
+        null field, the time to the millisecond; ``LedgerEntry(**json.loads(...))`` reads
+        it as it reads the records of earlier versions, which carried every field."""
+        fields = asdict(self)
+        fields.pop("store_id")
+        fields.pop("order_external_id")
+        fields["at"] = round(self.at, 3)
+        return json.dumps({k: v for k, v in fields.items() if v is not None}, separators=(",", ":"))
+
+
+def _read_entry(raw: bytes | str, order: Order) -> LedgerEntry:
+    entry = LedgerEntry(**json.loads(raw))
+    if entry.store_id is None and entry.order_external_id is None:
+        entry = replace(entry, store_id=order.store_id, order_external_id=order.order_external_id)
+    return entry
 
 
 @dataclass(frozen=True)
@@ -73,10 +96,19 @@ class OrderLedger:
     record and the "sending" mark, return only once that many replicas have them
     (worker/replication.py); else NotReplicated, and the task is not acknowledged."""
 
-    def __init__(self, redis_client: redis.Redis, key_prefix: str, ack: ReplicaAck = NO_ACK) -> None:
+    def __init__(self, redis_client: redis.Redis, key_prefix: str, ack: ReplicaAck = NO_ACK,
+                 retention: RetentionSettings | None = None) -> None:
         self.redis = redis_client
         self.prefix = key_prefix
         self.ack = ack
+        self._retention = retention
+
+    @property
+    def retention(self) -> RetentionSettings:
+        """Given, else read from the environment when first needed (only writers need it)."""
+        if self._retention is None:
+            self._retention = configured_retention()
+        return self._retention
 
     def _done_key(self, order: Order) -> str:
         return f"{self.prefix}done:{order.key}"
@@ -86,12 +118,12 @@ class OrderLedger:
 
     def done(self, order: Order) -> LedgerEntry | None:
         raw = self.redis.get(self._done_key(order))
-        return LedgerEntry(**json.loads(raw)) if raw else None
+        return _read_entry(raw, order) if raw else None
 
     def state(self, order: Order) -> tuple[LedgerEntry | None, Uncertain | None]:
         """What is known of the order at mipos: done, or possibly done by an unanswered request."""
         done, uncertain = self.redis.mget(self._done_key(order), self._uncertain_key(order))
-        return (LedgerEntry(**json.loads(done)) if done else None,
+        return (_read_entry(done, order) if done else None,
                 Uncertain(**json.loads(uncertain)) if uncertain else None)
 
     def record_done(self, order: Order, action: Action, task_id: str, message: str | None = None,
@@ -103,12 +135,12 @@ class OrderLedger:
             pipe = self.redis.pipeline(transaction=False)
             # EVAL, not EVALSHA: a pipeline with a registered script asks SCRIPT EXISTS first.
             pipe.eval(_RECORD_DONE, 2, self._done_key(order), self._uncertain_key(order),
-                      json.dumps(asdict(entry)), LEDGER_TTL_S)
+                      entry.compact_json(), _seconds(self.retention.done_s))
             self.ack.queue_wait(pipe)
             self.ack.check(pipe.execute()[-1], f"the done record of order {order.key}")
             return
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self._done_key(order), json.dumps(asdict(entry)), ex=LEDGER_TTL_S)
+        pipe.set(self._done_key(order), entry.compact_json(), ex=_seconds(self.retention.done_s))
         pipe.delete(self._uncertain_key(order))
         pipe.execute()
 
@@ -143,9 +175,9 @@ class OrderLedger:
         key = self._history_key(task_id)
         pipe = self.redis.pipeline()
         pipe.rpush(key, json.dumps(record))
-        pipe.expire(key, HISTORY_TTL_S)
+        pipe.expire(key, _seconds(self.retention.history_s))
         if order is not None:
-            note_order_task(pipe, self.prefix, order.key, task_id)
+            note_order_task(pipe, self.prefix, order.key, task_id, self.retention.history_s)
         pipe.execute()
 
     def tasks_for(self, order: Order) -> list[str]:
@@ -161,11 +193,11 @@ class OrderLedger:
         failover still counts as unknown (settled through the pending list, flagged)."""
         if self.ack.enabled:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(self._sending_key(task_id), attempt, ex=HISTORY_TTL_S)
+            pipe.set(self._sending_key(task_id), attempt, ex=_seconds(self.retention.history_s))
             self.ack.queue_wait(pipe)
             self.ack.check(pipe.execute()[-1], f"the sending mark of task {task_id}")
             return
-        self.redis.set(self._sending_key(task_id), attempt, ex=HISTORY_TTL_S)
+        self.redis.set(self._sending_key(task_id), attempt, ex=_seconds(self.retention.history_s))
 
     def clear_sending(self, task_id: str) -> None:
         self.redis.delete(self._sending_key(task_id))
