@@ -29,7 +29,7 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 from kombu.exceptions import OperationalError
 
-from config import load_producer_settings
+from config import RedisSettings, load_producer_settings
 from tasks.on_commit import OnCommitMixin
 from tasks.request_check import check_request
 from worker import delivery
@@ -95,10 +95,12 @@ class OrderTask(OnCommitMixin, Task):
         age_s = float(options.pop("age_s", 0.0) or 0.0)
         options["task_id"] = options.get("task_id") or str(uuid.uuid4())
         options["kwargsrepr"] = repr(request.body())  # what Flower shows: the order, not our stamps
-        enqueued_at = self._register(options, request, stamps, age_s)
+        settings = load_producer_settings()
+        client = self._producer_redis(options)
+        enqueued_at = self._register(client, settings, options, request, stamps, age_s)
         message = {**request.body(), STAMPS_KEY: stamps.but(enqueued_at=enqueued_at).to_message()}
         result = super().apply_async(args=(), kwargs=message, **options)
-        self._confirm_replicated(options)
+        self._confirm_replicated(client, settings, options)
         return result
 
     def _producer_redis(self, options: dict[str, Any]) -> redis.Redis:
@@ -108,26 +110,25 @@ class OrderTask(OnCommitMixin, Task):
             url = ";".join(connection.alt)
         return producer_redis(url)
 
-    def _confirm_replicated(self, options: dict[str, Any]) -> None:
+    def _confirm_replicated(self, client: redis.Redis, settings: RedisSettings,
+                            options: dict[str, Any]) -> None:
         """REDIS_MIN_REPLICAS_ACK > 0: return only once the registration and the message are on
         that many replicas (worker/replication.py), else raise as when Redis is down."""
-        settings = load_producer_settings()
         ack = ReplicaAck.of(settings)
         if not ack.enabled:
             return
         try:
-            confirm_replicated(self._producer_redis(options), settings.key_prefix, ack,
-                               f"{self.name} {options['task_id']}")
+            confirm_replicated(client, settings.key_prefix, ack, f"{self.name} {options['task_id']}")
         except redis.RedisError as exc:
             raise OperationalError(f"{self.name} not confirmed as replicated: {exc}") from exc
 
-    def _register(self, options: dict[str, Any], request: OrderRequest, stamps: Stamps,
-                  age_s: float) -> float:
+    def _register(self, client: redis.Redis, settings: RedisSettings, options: dict[str, Any],
+                  request: OrderRequest, stamps: Stamps, age_s: float) -> float:
         """Note the task in the in-flight registry before it is published (worker/inflight.py);
         returns its enqueue time on Redis's clock."""
         countdown = options.get("countdown")
         try:
-            registry = InflightRegistry(self._producer_redis(options), load_producer_settings().key_prefix)
+            registry = InflightRegistry(client, settings.key_prefix)
             return registry.register(
                 options["task_id"], self.name, {**request.body(), STAMPS_KEY: stamps.to_message()},
                 countdown=float(countdown) if countdown else None,
