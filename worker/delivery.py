@@ -72,9 +72,13 @@ def _numbers(settings: AnySettings) -> DeliverySettings:
     return settings.delivery if isinstance(settings, WorkerSettings) else settings
 
 
-def call_bound_s(settings: AnySettings) -> float:
+def call_bound_for(timeout_s: float) -> float:
     """The total deadline of one HTTP call: connect + read, as one wall-clock limit."""
-    return 2 * _numbers(settings).timeout_s
+    return 2 * timeout_s
+
+
+def call_bound_s(settings: AnySettings) -> float:
+    return call_bound_for(_numbers(settings).timeout_s)
 
 
 def attempt_bound_s(settings: AnySettings) -> float:

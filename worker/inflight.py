@@ -21,7 +21,7 @@ from config import load_retention_settings
 from worker.clock import redis_time
 from worker.ledger import order_tasks_key
 from worker.orders import order_key
-from worker.stamps import STAMPS_KEY
+from worker.stamps import STAMPS_KEY, stamps_of
 
 InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; when it is next due
 
@@ -65,9 +65,7 @@ class InflightRegistry:
         """
         okey = order_key(kwargs.get("store_id"), kwargs.get("order_external_id"))
         if enqueued_at is None:  # a message published again as it was (the rescue sweep)
-            stamps = kwargs.get(STAMPS_KEY)
-            if isinstance(stamps, dict) and isinstance(stamps.get("enqueued_at"), (int, float)):
-                enqueued_at = float(stamps["enqueued_at"])
+            enqueued_at = stamps_of(kwargs).enqueued_at
         stamp = self._register(
             keys=[self.entries_key, self.heartbeats_key, order_tasks_key(self.prefix, okey)],
             args=[task_id, task_name, json.dumps(kwargs), countdown or 0.0,

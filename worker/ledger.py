@@ -127,10 +127,9 @@ class OrderLedger:
                 Uncertain(**json.loads(uncertain)) if uncertain else None)
 
     def record_done(self, order: Order, action: Action, task_id: str, message: str | None = None,
-                    *, at: float | None = None, confirmed_by: str | None = None) -> None:
-        entry = LedgerEntry(action.value, task_id, time.time() if at is None else at,
-                            order.delivery_id, message, order.store_id, order.order_external_id,
-                            confirmed_by)
+                    *, confirmed_by: str | None = None) -> None:
+        entry = LedgerEntry(action.value, task_id, time.time(), order.delivery_id, message,
+                            order.store_id, order.order_external_id, confirmed_by)
         if self.ack.enabled:  # the write and its WAIT on one connection, one round trip
             pipe = self.redis.pipeline(transaction=False)
             # EVAL, not EVALSHA: a pipeline with a registered script asks SCRIPT EXISTS first.
@@ -147,8 +146,7 @@ class OrderLedger:
     def record_uncertain(self, order: Order, uncertain: Uncertain, ttl_s: float) -> None:
         """Until settled (a 200, the pending list) or ``ttl_s`` passes (the deadline of
         that task: after it mipos has dropped the order anyway)."""
-        self.redis.set(self._uncertain_key(order), json.dumps(asdict(uncertain)),
-                       ex=max(1, int(ttl_s)))
+        self.redis.set(self._uncertain_key(order), json.dumps(asdict(uncertain)), ex=_seconds(ttl_s))
 
     def clear_uncertain(self, order: Order) -> None:
         self.redis.delete(self._uncertain_key(order))

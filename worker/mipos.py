@@ -26,6 +26,7 @@ import requests
 from config import MiposSettings
 from worker import budget
 from worker.call_deadline import DeadlineAdapter, watched
+from worker.delivery import call_bound_for
 from worker.errors import (
     MAX_BODY_BYTES,
     Answer,
@@ -130,7 +131,7 @@ class MiposClient:
     @property
     def call_bound_s(self) -> float:
         """The longest one call may take, start to end: connect + read."""
-        return 2 * self.settings.timeout_s
+        return call_bound_for(self.settings.timeout_s)
 
     def _call(self, method: str, path: str, token: str | None = None,
               body: dict[str, str] | None = None) -> Answer:
