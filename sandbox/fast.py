@@ -36,6 +36,7 @@ from sandbox.server import (
     TOKEN_PATH,
     UNAUTHORIZED,
     bearer_of,
+    client_problem,
     conflict,
     missing_fields,
     order_field_errors,
@@ -72,19 +73,12 @@ class FastState:
         return {"token": self.token, "token_type": "bearer",
                 "expires_in": str(int(self.token_expires_at))}
 
-    def _client_problem(self, body: dict[str, Any]) -> Answer | None:
-        if body["client_id"] != self.credentials.get("client_id"):
-            return conflict("Client id not found with this user.")
-        if body["client_secret"] != self.credentials.get("client_secret"):
-            return conflict("Client secret not found with this user.")
-        return None
-
     def token_call(self, body: dict[str, Any], now: float) -> Answer:
         self.counters["token_calls"] += 1
         problem = missing_fields(body, TOKEN_FIELDS) or None
         if problem:
             return 422, problem
-        client = self._client_problem(body)
+        client = client_problem(self.credentials, body)
         if client:
             return client
         if (body["email"], body["password"]) != (self.credentials.get("email"),
@@ -97,7 +91,7 @@ class FastState:
         problem = missing_fields(body, REFRESH_FIELDS) or None
         if problem:
             return 422, problem
-        client = self._client_problem(body)
+        client = client_problem(self.credentials, body)
         if client:
             return client
         current = self.token

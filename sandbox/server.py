@@ -153,6 +153,15 @@ def order_field_errors(body: dict[str, Any], fields: tuple[str, ...]) -> dict[st
     return errors
 
 
+def client_problem(credentials: dict[str, str], body: dict[str, Any]) -> Answer | None:
+    """mipos's answer to a token or refresh call whose client id or secret is wrong."""
+    if body["client_id"] != credentials.get("client_id"):
+        return conflict("Client id not found with this user.")
+    if body["client_secret"] != credentials.get("client_secret"):
+        return conflict("Client secret not found with this user.")
+    return None
+
+
 def fault_problem(fault: Any) -> str | None:
     """Why a programmed fault is unusable, or None when it is fine."""
     if not isinstance(fault, dict):
@@ -293,12 +302,7 @@ class SandboxState:
         return data
 
     def _client_problem(self, body: dict[str, Any]) -> Answer | None:
-        credentials = self.config.credentials
-        if body["client_id"] != credentials.get("client_id"):
-            return conflict("Client id not found with this user.")
-        if body["client_secret"] != credentials.get("client_secret"):
-            return conflict("Client secret not found with this user.")
-        return None
+        return client_problem(self.config.credentials, body)
 
     # -- the mipos calls -----------------------------------------------------------
 
