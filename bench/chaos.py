@@ -33,14 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.processes import (
+from cli.progress import Progress
+from support.processes import (
     SANDBOX_ENV,
     RedisServer,
     Sandbox,
     WorkerProcess,
     read_json_lines,
 )
-from cli.progress import Progress
 
 WORKER_ENV = {
     "MIPOS_TIMEOUT_S": "1",
@@ -155,7 +155,7 @@ class Chaos:
             v["order_external_id"]: v["accepted"]
             for v in self.sandbox.control.orders()["orders"].values() if v["store_id"] == STORE_ID
         }
-        from worker.deadletters import DeadLetters
+        from worker.state.deadletters import DeadLetters
 
         try:
             letters = DeadLetters(self.redis.client, "mipos:").list()

@@ -38,14 +38,14 @@ from bench.chaos import (
     ChaosResult,
     tally,
 )
-from bench.processes import (
+from bench.sentinel import SentinelCluster
+from cli.progress import Progress
+from support.processes import (
     SANDBOX_ENV,
     Sandbox,
     WorkerProcess,
     read_json_lines,
 )
-from bench.sentinel import SentinelCluster
-from cli.progress import Progress
 
 REDIS_PASSWORD = "failover-redis-pass"
 SENTINEL_PASSWORD = "failover-sentinel-pass"
@@ -104,7 +104,7 @@ class FailoverRun:
 
     def enqueue_all(self, ids: list[str], permanent: set[str], kill_after: list[int]) -> None:
         from tasks import accept_order
-        from worker.topology import tracker
+        from worker.state.topology import tracker
 
         tracker.listen("failover-run", lambda *_: self.producer_changes.append(time.time()))
         progress = Progress("failover: enqueued", total=len(ids), enabled=not self.options.quiet)
@@ -148,8 +148,8 @@ class FailoverRun:
         failover.rejoined_after_s = round(time.time() - at, 2)
 
     def outcome(self) -> tuple[dict[str, int], dict[str, str]]:
-        from worker.deadletters import DeadLetters
-        from worker.runtime import redis_from_url
+        from worker.state.connection import redis_from_url
+        from worker.state.deadletters import DeadLetters
 
         accepted = {v["order_external_id"]: v["accepted"]
                     for v in self.sandbox.control.orders()["orders"].values()

@@ -16,6 +16,8 @@ from typing import Any
 
 import redis
 
+from worker.state.connection import text
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 # Commands the benchmark itself sends; never counted as the system's.
@@ -122,7 +124,7 @@ def long_lived_memory(client: redis.Redis, held_longer_than_s: float) -> Memory:
     """The keys that will outlive ``held_longer_than_s``, by kind."""
     kinds: Memory = {}
     for raw in client.scan_iter(count=1000):
-        key = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        key = text(raw, errors="replace")
         if key.startswith(FIXED_KEY_PREFIXES):
             continue
         ttl = client.ttl(raw)

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess, wait_for
+from support.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess, wait_for
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 DOWN = {"http_500": 0.5, "drop": 1.0}  # every accept fails: half 500s, the rest dropped
@@ -108,7 +108,7 @@ def run_mode(breaker: bool, options: argparse.Namespace, workdir: Path) -> dict[
 
 
 def _dead(redis: RedisServer, reason: str | None = None) -> int:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     letters = DeadLetters(redis.client, "mipos:").list()
     return sum(1 for letter in letters if reason is None or letter.reason == reason)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess
+from support.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess
 from tests.outbox_processes import RelayProcess, wait_accepted
 from tests.postgres import PostgresServer
 
@@ -40,7 +40,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 class Bench:
-    """Redis, the sandbox and workers of the run's own (bench/processes.py)."""
+    """Redis, the sandbox and workers of the run's own (support/processes.py)."""
 
     def __init__(self, workdir: Path, quiet: bool) -> None:
         self.workdir, self.quiet, self.started = workdir, quiet, time.monotonic()
@@ -172,7 +172,7 @@ def commit_one(engine: sa.Engine) -> tuple[str, float]:
 
 def run(options: argparse.Namespace) -> list[tuple[str, float, float]]:
     from tasks.sql_outbox import start_relay_thread
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     rows: list[tuple[str, float, float]] = []
     workdir = Path(tempfile.mkdtemp(prefix="mipos-bench-outbox-"))

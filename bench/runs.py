@@ -26,7 +26,8 @@ import requests
 
 from bench import measure
 from bench.measure import MachineCpu
-from bench.processes import (
+from bench.systems import STORE_ID, System
+from support.processes import (
     ROOT,
     SANDBOX_ENV,
     RedisServer,
@@ -34,7 +35,6 @@ from bench.processes import (
     WorkerProcess,
     wait_for,
 )
-from bench.systems import STORE_ID, System
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 HELD_KEY = "bench:held"

@@ -15,7 +15,8 @@ from typing import Any
 
 import redis
 
-from bench.processes import free_port, stop_process, wait_for
+from support.processes import free_port, stop_process, wait_for
+from worker.state.connection import text
 
 MASTER_NAME = "mymaster"
 DOWN_AFTER_MS = 1000
@@ -112,7 +113,7 @@ class SentinelNode:
             host, port = found
         except (redis.RedisError, TypeError, ValueError):
             return None
-        return str(host.decode() if isinstance(host, bytes) else host), int(port)
+        return text(host), int(port)
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.processes import ROOT, WorkerProcess, procfile_command
+from support.processes import ROOT, WorkerProcess, procfile_command
 
 STORE_ID = "5"
 OURS_QUEUE = "mipos"

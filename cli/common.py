@@ -15,7 +15,7 @@ DEAD_REASONS = ("permanent", "attempts", "deadline", "invalid")
 
 def open_redis() -> tuple[redis.Redis, str]:
     from config import load_producer_settings
-    from worker.runtime import redis_from_url
+    from worker.state.connection import redis_from_url
 
     settings = load_producer_settings()
     return redis_from_url(settings.url, timeout_s=3.0, retries=0), settings.key_prefix

@@ -13,11 +13,11 @@ from cli.output import CliError, ago, emit_json, table, when
 from cli.progress import Progress
 
 if TYPE_CHECKING:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
 
 def _dead_letters() -> DeadLetters:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     client, prefix = open_redis()
     return DeadLetters(client, prefix)
@@ -82,7 +82,7 @@ def cmd_dead_show(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_replay(args: argparse.Namespace) -> int:
-    from tasks.replay import replay_dead_letter
+    from worker.ops.replay import replay_dead_letter
 
     store = _dead_letters()
     if args.id:

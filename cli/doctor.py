@@ -20,19 +20,17 @@ from config import (
     RedisSettings,
     SettingsError,
     WorkerSettings,
+    broker_settings_problems,
+    load_checked_worker_settings,
     load_producer_settings,
     ssl_cert_reqs,
     url_without_password,
 )
-from worker.delivery import (
-    QUEUE,
-    broker_settings_problems,
-    load_checked_worker_settings,
-)
-from worker.errors import MiposError
-from worker.metrics import read_gauges
-from worker.orders import order_key
-from worker.stamps import stamps_of
+from config.timing import QUEUE
+from worker.mipos.errors import MiposError
+from worker.ops.metrics import read_gauges
+from worker.order.model import order_key
+from worker.order.stamps import stamps_of
 
 Status = Literal["ok", "warn", "fail", "skipped"]
 
@@ -108,7 +106,7 @@ def _memory_check(client: redis.Redis, settings: WorkerSettings | None) -> Check
 
 
 def _redis_check(settings: RedisSettings, checks: list[Check]) -> redis.Redis | None:
-    from worker.runtime import redis_from_url
+    from worker.state.connection import redis_from_url
 
     where = url_without_password(settings.url)
     client = redis_from_url(settings.url, timeout_s=3.0, retries=0)
@@ -137,7 +135,7 @@ def _redis_check(settings: RedisSettings, checks: list[Check]) -> redis.Redis | 
 def _topology_checks(client: redis.Redis, settings: RedisSettings) -> list[Check]:
     """The master, its replicas and their lag; with Sentinel, the quorum. Fails when
     REDIS_MIN_REPLICAS_ACK cannot be met: then no delay() and no finished order succeeds."""
-    from worker.topology import replication_of, sentinel_view
+    from worker.state.topology import replication_of, sentinel_view
 
     try:
         state = replication_of(client)
@@ -212,7 +210,7 @@ def _eviction_check(client: redis.Redis) -> Check:
 
 
 def _mipos_check(settings: WorkerSettings) -> Check:
-    from worker.mipos import MiposClient
+    from worker.mipos.client import MiposClient
 
     client = MiposClient(settings.mipos)
     started = time.monotonic()
@@ -236,7 +234,7 @@ def _mipos_check(settings: WorkerSettings) -> Check:
 
 
 def _workers_check(url: str, timeout_s: float) -> Check:
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     app.conf.broker_url = url
     try:
@@ -260,7 +258,7 @@ def _queue_checks(client: redis.Redis, gauges: dict[str, float], max_wait_s: flo
     if oldest is None:
         checks.append(Check("oldest waiting", "ok", "nothing waiting"))
         return checks
-    seconds_now, micros = client.time()  # the stamps are on Redis's clock (worker/clock.py)
+    seconds_now, micros = client.time()  # the stamps are on Redis's clock (worker/state/clock.py)
     age, order = _message_age(oldest if isinstance(oldest, bytes) else str(oldest).encode(),
                               now=float(seconds_now) + float(micros) / 1e6)
     if age is None:
@@ -289,7 +287,7 @@ def _message_age(raw: bytes, now: float) -> tuple[float | None, str]:
 
 
 def _dead_letters_check(client: redis.Redis, prefix: str) -> Check:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     hour_ago = time.time() - 3600
     letters = DeadLetters(client, prefix).list(since=hour_ago)

@@ -55,8 +55,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from config import load_producer_settings
-    from worker.delivery import QUEUE
-    from worker.metrics import render
+    from config.timing import QUEUE
+    from worker.ops.metrics import render
 
     client, prefix = open_redis()
     client.ping()
@@ -215,6 +215,6 @@ def _redis_where() -> str:
 
 
 def _error(message: str) -> None:
-    from worker.redaction import redact
+    from worker.logs.redaction import redact
 
     print(f"mipos-worker: {redact(message)}", file=sys.stderr)

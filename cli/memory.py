@@ -3,7 +3,7 @@
 The broker needs ``noeviction``, so a full Redis refuses writes: every ``delay()``
 and every finished order fails. What finished orders hold at a steady rate is
 ``rate x (MIPOS_LEDGER_RETENTION_S x done record + MIPOS_HISTORY_RETENTION_S x
-history)`` (worker/retention.py, with the sizes the benchmark measures).
+history)`` (config/retention.py, with the sizes the benchmark measures).
 
 The rate is the orders finished (attempt lines ``accepted`` or ``denied`` in the
 shared metrics) since a sample doctor left in Redis on an earlier run: cheap (one
@@ -18,8 +18,9 @@ import redis
 
 from cli.output import seconds
 from config import WorkerSettings
-from worker.metrics import _parse_field
-from worker.retention import bytes_held
+from config.retention import bytes_held
+from worker.state.connection import text
+from worker.state.counters import parse_field
 
 SAMPLE_KEY = "doctor:finished-sample"  # after the key prefix: "<redis time> <orders finished>"
 MIN_WINDOW_S = 60.0
@@ -30,7 +31,7 @@ HEADROOM = 0.8  # the rest of maxmemory is for queues, in-flight tasks, dead let
 def finished_orders(client: redis.Redis, prefix: str) -> int:
     total = 0
     for raw, value in client.hgetall(f"{prefix}metrics").items():
-        name, labels = _parse_field(raw.decode() if isinstance(raw, bytes) else str(raw))
+        name, labels = parse_field(text(raw))
         if name == "mipos_attempts_total" and labels.get("outcome") in ("accepted", "denied"):
             total += int(float(value))
     return total
@@ -43,7 +44,7 @@ def observed_rate(client: redis.Redis, prefix: str) -> tuple[float | None, str]:
     count = finished_orders(client, prefix)
     key = f"{prefix}{SAMPLE_KEY}"
     raw = client.get(key)
-    sample = raw.decode().split() if isinstance(raw, bytes) else (raw or "").split()
+    sample = text(raw or "").split()
     then, before = (float(sample[0]), int(sample[1])) if len(sample) == 2 else (None, None)
     if then is None or before is None or before > count or now - then > RESAMPLE_AFTER_S:
         client.set(key, f"{now:.3f} {count}", ex=int(2 * RESAMPLE_AFTER_S))

@@ -39,7 +39,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
 
 
 def cmd_order(args: argparse.Namespace) -> int:
-    from worker.order_status import describe_order
+    from worker.ops.order_status import describe_order
 
     client, prefix = open_redis()
     status = describe_order(client, prefix, args.store_id, args.order_external_id)
@@ -95,14 +95,14 @@ def attempts_table(attempts: list[dict[str, Any]], with_task: bool) -> str:
 
 
 def cmd_pending(args: argparse.Namespace) -> int:
-    from worker.errors import MiposError
-    from worker.order_status import describe_order
-    from worker.reconcile import fetch_pending
-    from worker.runtime import get_runtime
+    from worker.mipos.errors import MiposError
+    from worker.mipos.pending import fetch_pending
+    from worker.ops.order_status import describe_order
+    from worker.wiring.runtime import get_runtime
 
     rt = get_runtime()
     try:
-        pending, _answer = fetch_pending(rt, args.store_id)
+        pending, _answer = fetch_pending(rt.client, rt.tokens, args.store_id)
     except MiposError as exc:
         raise CliError(f"mipos did not give store {args.store_id}'s pending orders: {exc.message}") from None
     prefix = rt.settings.redis.key_prefix

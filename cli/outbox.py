@@ -84,7 +84,7 @@ def _engine(args: argparse.Namespace) -> Any:
 def cmd_outbox_relay(args: argparse.Namespace) -> int:
     from config import load_producer_settings
     from tasks.sql_outbox import Relay
-    from worker.logging import configure_logging
+    from worker.logs.setup import configure_logging
 
     configure_logging(os.environ.get("LOG_LEVEL", "INFO"), os.environ.get("LOG_FORMAT", "json"))
     load_producer_settings()  # a malformed REDIS_URL: one clear message now

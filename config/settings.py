@@ -23,6 +23,8 @@ from config.redis_url import (
     parse_sentinel_url,
     redis_url_passwords,
 )
+from config.retention import minimum_history_retention_s, minimum_ledger_retention_s, retention_problems
+from config.timing import delivery_problems
 
 T = TypeVar("T")
 
@@ -37,6 +39,11 @@ DEFAULT_LEDGER_RETENTION_S = 24 * 3600
 # same horizon; beyond it only `mipos-worker order` reads them (dead letters keep a copy).
 DEFAULT_HISTORY_RETENTION_S = 3600
 CREDENTIAL_NAMES = ("MIPOS_CLIENT_ID", "MIPOS_CLIENT_SECRET", "MIPOS_EMAIL", "MIPOS_PASSWORD")
+# The credentials kept out of every log line and page (the others identify, they do not authenticate).
+SECRET_NAMES = ("MIPOS_CLIENT_SECRET", "MIPOS_PASSWORD")
+# How a boolean setting may be written (any case).
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
 # Secrets are replaced wherever they occur in a log line; a shorter one would
 # match ordinary words and ids, and the replacements would spell it out.
 MIN_SECRET_LENGTH = 8
@@ -104,7 +111,7 @@ class BreakerConfig:
     failure_ratio: float
     window_s: float
     probe_interval_s: float
-    rate_limit_per_s: int  # 0: no limit
+    rate_limit_per_s: int  # at least 1: MIPOS_RATE_LIMIT_PER_S is read with positive_int
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,7 @@ class ReconcileSettings:
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    """What the visibility timeout and the attempt bound are derived from (worker.delivery)."""
+    """What the visibility timeout and the attempt bound are derived from (config.timing)."""
 
     timeout_s: float
     visibility_timeout_s: float | None  # None: derived from timeout_s
@@ -124,7 +131,7 @@ class DeliverySettings:
 
 @dataclass(frozen=True)
 class RetentionSettings:
-    """How long Redis keeps each kind of record of a finished order (worker/retention.py)."""
+    """How long Redis keeps each kind of record of a finished order (config/retention.py)."""
 
     done_s: float = DEFAULT_LEDGER_RETENTION_S  # MIPOS_LEDGER_RETENTION_S: the done record
     history_s: float = DEFAULT_HISTORY_RETENTION_S  # MIPOS_HISTORY_RETENTION_S: attempts, task index
@@ -137,7 +144,7 @@ class WorkerSettings:
     retry: RetrySettings
     log_level: str
     log_format: str
-    visibility_timeout_s: float | None  # None: derived from the timeouts (worker.delivery)
+    visibility_timeout_s: float | None  # None: derived from the timeouts (config.timing)
     reconcile: ReconcileSettings
     confirm_with_pending_list: bool  # after an unknown outcome, ask the pending list first
     breaker: BreakerConfig
@@ -146,6 +153,16 @@ class WorkerSettings:
     @property
     def delivery(self) -> DeliverySettings:
         return DeliverySettings(self.mipos.timeout_s, self.visibility_timeout_s)
+
+
+def parse_boolean(text: str) -> bool:
+    """One of TRUE_WORDS or FALSE_WORDS, in any case and with spaces around; ValueError otherwise."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{text!r} is not a boolean")
 
 
 class _Reader:
@@ -212,12 +229,11 @@ class _Reader:
 
     def boolean(self, name: str, default: str) -> bool:
         text = (self.raw(name, default) or default).lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        self.problems.append(f"{name}={text!r} must be true or false")
-        return default == "true"
+        try:
+            return parse_boolean(text)
+        except ValueError:
+            self.problems.append(f"{name}={text!r} must be true or false")
+            return default == "true"
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
         text = self.raw(name, default) or default
@@ -453,9 +469,8 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
         retention=_read_retention(reader),
     )
     if not reader.problems:
-        # The floors come from the delivery chain (worker/delivery.py), once every other
+        # The floors come from the delivery chain (config/timing.py), once every other
         # setting is valid: an unset retention is raised to its floor, a given one is checked.
-        from worker.retention import minimum_history_retention_s, minimum_ledger_retention_s, retention_problems
 
         settings = replace(settings, retention=RetentionSettings(
             done_s=(settings.retention.done_s if reader.raw("MIPOS_LEDGER_RETENTION_S", None)
@@ -464,4 +479,40 @@ def load_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings
                        else max(settings.retention.history_s, minimum_history_retention_s(settings)))))
         reader.problems.extend(retention_problems(settings))
     reader.check()
+    return settings
+
+
+def configured_retention() -> RetentionSettings:
+    """The worker's retention (an unset one raised to its floor) when the worker settings are
+    complete; else as set (a process without the mipos credentials)."""
+    try:
+        return load_worker_settings().retention
+    except SettingsError:
+        return load_retention_settings()
+
+
+def broker_settings_problems(env: Mapping[str, str] | None = None) -> list[str]:
+    """Why a process may not open a consuming broker connection with this environment:
+    its visibility timeout would not be the workers' (a bad value), or too small."""
+    try:
+        return delivery_problems(load_delivery_settings(env))
+    except SettingsError as exc:
+        return list(exc.problems)
+
+
+def load_checked_worker_settings(env: Mapping[str, str] | None = None) -> WorkerSettings:
+    """The worker's settings, with the delivery numbers checked against each other too:
+    one SettingsError naming every problem."""
+    problems: list[str] = []
+    settings: WorkerSettings | None = None
+    try:
+        settings = load_worker_settings(env)
+    except SettingsError as exc:
+        problems.extend(exc.problems)
+    try:
+        problems.extend(delivery_problems(load_delivery_settings(env)))
+    except SettingsError:
+        pass  # the same problems are among the worker settings' already
+    if problems or settings is None:
+        raise SettingsError(problems)
     return settings

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.browser import VIEWPORT, Expectation, flower_tasks_page
-from bench.processes import (
+from support.processes import (
     SANDBOX_ENV,
     FlowerProcess,
     RedisServer,
@@ -119,7 +119,7 @@ def main() -> int:
 
         os.environ["REDIS_URL"] = redis_server.url  # the POS side, in this process
         import tasks
-        from worker.celery_app import app
+        from worker.wiring.celery_app import app
 
         app.conf.broker_url = redis_server.url
         for number, order in enumerate(ORDERS, start=101):

@@ -218,7 +218,7 @@ def write_env_file(env: dict[str, str], with_sandbox: bool) -> Path:
 def demo_finished(redis_url: str, ids: list[str]) -> bool:
     import redis
 
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     client = redis.Redis.from_url(redis_url)
     prefix = os.environ.get("MIPOS_REDIS_PREFIX", "mipos:")
@@ -230,7 +230,7 @@ def demo_finished(redis_url: str, ids: list[str]) -> bool:
 def reconciled(redis_url: str) -> bool:
     import redis
 
-    from worker.metrics import Metrics
+    from worker.state.counters import Metrics
 
     prefix = os.environ.get("MIPOS_REDIS_PREFIX", "mipos:")
     values = Metrics(redis.Redis.from_url(redis_url), prefix).read()

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import asdict
 
 import structlog
 
-from worker.celery_app import app
-from worker.locks import release_lock
-from worker.orders import Action, Order
-from worker.reconcile import sweep
-from worker.runtime import get_runtime
-from worker.stamps import Stamps
+from worker.ops.reconciliation import sweep
+from worker.order.model import Action, Order
+from worker.order.stamps import Stamps
+from worker.state.locks import held_lock
+from worker.wiring.celery_app import app
+from worker.wiring.runtime import get_runtime
 
 logger = structlog.stdlib.get_logger("mipos.reconcile")
 
 
-
 def _resend(action: Action, order: Order, message: str | None) -> None:
-    from tasks.orders import publish_order
+    from worker.wiring.order_task import publish_order
 
     arguments: dict[str, str] = order.fields()
     if action is Action.DENY:
@@ -36,16 +34,13 @@ def reconcile() -> None:
     if not settings.stores:
         return
     lock_key = f"{rt.settings.redis.key_prefix}reconcile:lock"
-    lock_id = uuid.uuid4().hex
-    ttl_ms = int((settings.interval_s + 12 * rt.settings.mipos.timeout_s * len(settings.stores)) * 1000)
-    if not rt.redis.set(lock_key, lock_id, nx=True, px=ttl_ms):
-        logger.info("reconcile_skipped", reason="another sweep is running")
-        return
-    started = time.time()
-    try:
+    ttl_s = settings.interval_s + 12 * rt.settings.mipos.timeout_s * len(settings.stores)
+    with held_lock(rt.redis, lock_key, ttl_s) as held:
+        if not held:
+            logger.info("reconcile_skipped", reason="another sweep is running")
+            return
+        started = time.time()
         logger.info("reconcile_started", stores=list(settings.stores), started_at=started)
         report = sweep(rt, _resend)
         logger.info("reconcile_finished", started_at=started, finished_at=time.time(),
                     **asdict(report))
-    finally:
-        release_lock(rt.redis, lock_key, lock_id)

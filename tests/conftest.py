@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from bench.processes import SANDBOX_ENV
+from support.processes import SANDBOX_ENV, RedisServer, Sandbox, WorkerProcess, read_json_lines, wait_for
 from tests import postgres
-from tests.harness import RedisServer, Sandbox, WorkerProcess, read_json_lines, wait_for
-from worker.deadletters import DeadLetter, DeadLetters
+from worker.state.deadletters import DeadLetter, DeadLetters
 
 # Fast, but the same shape as production: base 0.05 s doubling up to 0.4 s.
 FAST_RETRY_ENV = {
@@ -62,7 +61,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
 def tasks(redis_server: RedisServer) -> ModuleType:
     """The POS side, in this test process, pointed at the test Redis."""
     import tasks as pos_tasks
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     app.conf.broker_url = redis_server.url
     return pos_tasks

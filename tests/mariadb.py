@@ -8,7 +8,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.harness import free_port, stop_process, wait_for
+from support.processes import free_port, stop_process, wait_for
 
 
 def available() -> bool:

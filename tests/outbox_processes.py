@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox.server import ACCEPT_PATH
-from tests.harness import ROOT, free_port, read_json_lines, stop_process, wait_for
+from support.processes import ROOT, free_port, read_json_lines, stop_process, wait_for
 
 
 class RelayProcess:

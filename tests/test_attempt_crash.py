@@ -17,11 +17,11 @@ import pytest
 from celery.exceptions import Retry
 from structlog.testing import capture_logs
 
-import worker.runtime
-from bench.processes import SANDBOX_ENV
+import worker.wiring.runtime
+from support.processes import SANDBOX_ENV
 from tests.conftest import FAST_RETRY_ENV, Cluster, new_order_id
-from worker.ledger import OrderLedger
-from worker.orders import Action
+from worker.order.model import Action
+from worker.state.ledger import OrderLedger
 
 
 @pytest.fixture
@@ -29,9 +29,9 @@ def in_process_runtime(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Ite
     for name, value in {**SANDBOX_ENV, **FAST_RETRY_ENV, "REDIS_URL": cluster.redis.url,
                         "MIPOS_BASE_URL": cluster.sandbox.url}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(worker.runtime, "_runtime", None)
+    monkeypatch.setattr(worker.wiring.runtime, "_runtime", None)
     yield
-    worker.runtime._runtime = None
+    worker.wiring.runtime._runtime = None
 
 
 def test_an_unexpected_error_is_logged_and_retried(cluster: Cluster, tasks: ModuleType,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import ROOT
+from support.processes import ROOT
 
 # Rows compared with the stock Celery app (bench/stock_celery.py) run in the same invocation.
 STOCK_ROWS = ("throughput_0ms_vs_stock", "cpu_ms_per_acceptance", "redis_commands_per_acceptance",

@@ -14,7 +14,7 @@ from typing import Any, cast
 import pytest
 import redis
 
-from tests.harness import RedisServer, wait_for
+from support.processes import RedisServer, wait_for
 
 PREFIX = "mipos:"
 QUEUE = "mipos"
@@ -53,7 +53,7 @@ def message(task_id: str) -> bytes:
 
 
 def register(pipe: Any, task_id: str, published_at: float | None, last_seen: float) -> None:
-    """An in-flight entry in the shape worker/inflight.py writes."""
+    """An in-flight entry in the shape worker/state/inflight.py writes."""
     entry: dict[str, Any] = {"task": "mipos.accept_order",
                              "kwargs": {"delivery_id": "1", "store_id": "3", "order_external_id": task_id}}
     if published_at is not None:
@@ -71,9 +71,9 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def sweeper(client: redis.Redis, tasks: Any) -> Any:
-    from worker.celery_app import app
-    from worker.inflight import InflightRegistry
-    from worker.rescue import LostMessageSweeper
+    from worker.state.inflight import InflightRegistry
+    from worker.wiring.celery_app import app
+    from worker.wiring.rescue import LostMessageSweeper
 
     return LostMessageSweeper(app, InflightRegistry(client, PREFIX), client, QUEUE,
                               silent_after_s=60, interval_s=1, lock_key=f"{PREFIX}rescue:lock")
@@ -212,7 +212,7 @@ def add_letter(store: Any, order_id: str, reason: str = "deadline", store_id: st
 def write_letters(client: redis.Redis, count: int, newest_at: float, reason: str,
                   tag: str) -> list[str]:
     """Letters written straight into Redis as DeadLetters.add writes them (fast in bulk)."""
-    from worker.deadletters import DEAD_LETTER_TTL_S
+    from worker.state.deadletters import DEAD_LETTER_TTL_S
 
     ids = []
     pipe = client.pipeline(transaction=False)
@@ -232,7 +232,7 @@ def write_letters(client: redis.Redis, count: int, newest_at: float, reason: str
 
 def write_expired_ids(client: redis.Redis, count: int, now: float) -> None:
     """What letters that expired leave behind in the index (their keys are gone)."""
-    from worker.deadletters import DEAD_LETTER_TTL_S
+    from worker.state.deadletters import DEAD_LETTER_TTL_S
 
     client.zadd(f"{PREFIX}dead", {f"gone{i:012d}": now - DEAD_LETTER_TTL_S - 10 - i
                                   for i in range(count)})
@@ -240,11 +240,11 @@ def write_expired_ids(client: redis.Redis, count: int, now: float) -> None:
 
 def test_expired_letters_leave_both_indexes(client: redis.Redis,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.deadletters
-    from worker.deadletters import DeadLetters
-    from worker.metrics import read_gauges
+    import worker.state.deadletters
+    from worker.ops.metrics import read_gauges
+    from worker.state.deadletters import DeadLetters
 
-    monkeypatch.setattr(worker.deadletters, "DEAD_LETTER_TTL_S", 1)
+    monkeypatch.setattr(worker.state.deadletters, "DEAD_LETTER_TTL_S", 1)
     store = DeadLetters(client, PREFIX)
     old = [add_letter(store, "order-a"), add_letter(store, "order-b")]
     wait_for(lambda: all(store.get(x.id) is None for x in old), timeout=10, what="the letters to expire")
@@ -259,7 +259,7 @@ def test_expired_letters_leave_both_indexes(client: redis.Redis,
 
 
 def test_the_gauge_does_not_count_expired_ids(client: redis.Redis) -> None:
-    from worker.metrics import read_gauges
+    from worker.ops.metrics import read_gauges
 
     now = time.time()
     write_letters(client, 5, now, "deadline", "live")
@@ -268,7 +268,7 @@ def test_the_gauge_does_not_count_expired_ids(client: redis.Redis) -> None:
 
 
 def test_a_page_costs_its_size_not_the_index(client: redis.Redis) -> None:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     now = time.time()
     newest = write_letters(client, 2000, now, "deadline", "live")
@@ -294,7 +294,7 @@ def test_a_page_costs_its_size_not_the_index(client: redis.Redis) -> None:
 
 
 def test_a_filtered_page_examines_a_bounded_number_of_letters(client: redis.Redis) -> None:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     now = time.time()
     write_letters(client, 2000, now, "deadline", "newer")
@@ -318,7 +318,7 @@ def test_a_filtered_page_examines_a_bounded_number_of_letters(client: redis.Redi
 
 
 def test_pages_split_letters_that_failed_at_the_same_moment(client: redis.Redis) -> None:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     now = time.time()
     pipe = client.pipeline(transaction=False)
@@ -342,7 +342,7 @@ def test_pages_split_letters_that_failed_at_the_same_moment(client: redis.Redis)
 
 
 def test_listing_the_newest_does_not_read_the_whole_index(client: redis.Redis) -> None:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     now = time.time()
     newest = write_letters(client, 3000, now, "deadline", "live")

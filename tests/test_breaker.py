@@ -5,9 +5,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-
+from support.processes import RedisServer, wait_for
 from tests.conftest import Cluster, ClusterFactory, new_order_id
-from tests.harness import RedisServer, wait_for
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 BREAKER_ENV = {

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import ROOT
+from support.processes import ROOT
 
 
 def test_small_chaos_run_loses_nothing(tmp_path: Path) -> None:

@@ -8,13 +8,8 @@ import pytest
 import requests
 import urllib3
 
-from worker.errors import (
-    RETRY_AFTER_MAX_S,
-    Answer,
-    ErrorClass,
-    classify,
-    parse_retry_after,
-)
+from worker.mipos.classification import RETRY_AFTER_MAX_S, Answer, classify, parse_retry_after
+from worker.mipos.errors import ErrorClass
 
 T, A, P = ErrorClass.TRANSIENT, ErrorClass.AUTH, ErrorClass.PERMANENT
 

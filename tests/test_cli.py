@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from sandbox import SANDBOX_CREDENTIALS
+from support.processes import ROOT, RedisServer, Sandbox, free_port, stop_process, wait_for
 from tests.conftest import Cluster, ClusterStarter, new_order_id
-from tests.harness import ROOT, RedisServer, Sandbox, free_port, stop_process, wait_for
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 NOT_FOUND = {"status": 409, "message": "Order not found.", "times": -1}
@@ -233,7 +233,7 @@ def test_replay_all_shows_progress_and_sends_each_order_once(cluster: Cluster, t
 
 
 def test_replay_refuses_invalid_and_skips_done_orders(cluster: Cluster, tasks: ModuleType) -> None:
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     app.send_task("mipos.accept_order", kwargs={"delivery_id": 1, "store_id": "36",
                                                 "order_external_id": ""})
@@ -273,7 +273,7 @@ def test_purge(cluster: Cluster, tasks: ModuleType) -> None:
 
 
 def test_dead_list_pages_with_a_cursor(cluster: Cluster) -> None:
-    from worker.deadletters import DeadLetters
+    from worker.state.deadletters import DeadLetters
 
     store = DeadLetters(cluster.redis.client, "mipos:")
     letters = [store.add(action="accept", order={"delivery_id": "1", "store_id": "38",

@@ -11,10 +11,9 @@ import time
 from types import ModuleType
 from typing import Any
 
-
+from support.processes import ROOT, RedisServer, free_port, procfile_command, read_json_lines, wait_for
 from tests.conftest import SANDBOX_ENV, ClusterFactory, new_order_id
-from tests.harness import ROOT, RedisServer, free_port, procfile_command, read_json_lines, wait_for
-from worker.deadletters import DeadLetters
+from worker.state.deadletters import DeadLetters
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from kombu import Connection, Exchange, Producer
 
+from support.processes import RedisServer, Sandbox, wait_for
 from tests.conftest import Cluster, ClusterFactory, new_order_id
-from tests.harness import RedisServer, Sandbox, wait_for
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 # A short visibility timeout so a killed worker's messages come back within seconds.
@@ -175,7 +175,7 @@ def test_a_pickled_message_is_refused_and_never_executed(make_cluster: ClusterFa
 def test_a_message_the_broker_lost_is_rescued(make_cluster: ClusterFactory) -> None:
     """What a worker killed between kombu's BRPOP and its unacked write leaves behind:
     a registered task with no message anywhere."""
-    from worker.inflight import InflightRegistry
+    from worker.state.inflight import InflightRegistry
 
     cluster = make_cluster(**CRASH_ENV)
     order_id = new_order_id()
@@ -194,9 +194,9 @@ def test_a_message_the_broker_lost_is_rescued(make_cluster: ClusterFactory) -> N
 
 def test_the_sweeper_rescues_only_what_is_neither_queued_nor_reserved(
         redis_server: RedisServer, tasks: ModuleType) -> None:
-    from worker.celery_app import app
-    from worker.inflight import InflightRegistry
-    from worker.rescue import LostMessageSweeper
+    from worker.state.inflight import InflightRegistry
+    from worker.wiring.celery_app import app
+    from worker.wiring.rescue import LostMessageSweeper
 
     redis_server.client.flushall()
     registry = InflightRegistry(redis_server.client, "mipos:")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from support.processes import RedisServer, wait_for
 from tests import postgres
 from tests.conftest import ClusterFactory, new_order_id
-from tests.harness import RedisServer, wait_for
 from tests.outbox_processes import RelayProcess, accepts_by_order, run_script
 
 SETUP = """
@@ -27,7 +27,7 @@ SETUP = """
         cursor.execute("CREATE TABLE IF NOT EXISTS pos_order (external_id VARCHAR(64) PRIMARY KEY)")
 
     from tasks import accept_order, deny_order
-    from tasks.on_commit import OnCommitMixin
+    from worker.wiring.order_task import OrderTask as OnCommitMixin
     from tasks.orders import OrderTask
     if not issubclass(OrderTask, OnCommitMixin):  # until tasks/orders.py mixes it in
         OrderTask.__bases__ = (OnCommitMixin, *OrderTask.__bases__)
@@ -118,7 +118,7 @@ def test_delay_on_commit_enqueues_after_the_commit_and_never_after_a_rollback(
 def test_the_order_tasks_have_delay_on_commit() -> None:
     """Wired in tasks/orders.py: ``class OrderTask(OnCommitMixin, Task)``."""
     from tasks import accept_order, deny_order
-    from tasks.on_commit import OnCommitMixin
+    from worker.wiring.order_task import OrderTask as OnCommitMixin
 
     assert isinstance(accept_order, OnCommitMixin) and isinstance(deny_order, OnCommitMixin)
 

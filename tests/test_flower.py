@@ -16,10 +16,9 @@ from types import ModuleType
 import pytest
 
 from bench.browser import BrowserMissing, chromium_executable, flower_tasks_page
-from bench.processes import FlowerProcess
 from sandbox import SANDBOX_CREDENTIALS
+from support.processes import ROOT, FlowerProcess, RedisServer, free_port, procfile_command, wait_for
 from tests.conftest import Cluster, harvest_tokens
-from tests.harness import ROOT, RedisServer, free_port, procfile_command, wait_for
 
 USER = "ops"
 PASSWORD = f"pw-{secrets.token_urlsafe(12)}"
@@ -123,7 +122,7 @@ def test_basic_auth(redis_server: RedisServer, start_flower: StartFlower) -> Non
     assert flower.get("/tasks", auth=("viewer", other_password))[0] == 200
     # The password is on no command line (ps) and in no log line.
     cmdline = Path(f"/proc/{flower.proc.pid}/cmdline").read_bytes().decode(errors="replace")
-    assert PASSWORD not in cmdline and "worker.flower" in cmdline
+    assert PASSWORD not in cmdline and "worker.ops.flower" in cmdline
     log = flower.log_path.read_text(errors="replace")
     assert "Visit me at" in log
     assert PASSWORD not in log and other_password not in log

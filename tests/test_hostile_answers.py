@@ -14,22 +14,14 @@ import pytest
 
 from config import MiposSettings
 from sandbox import SANDBOX_CREDENTIALS
+from support.processes import RedisServer, Sandbox
 from tests.conftest import Cluster, dead_letter_of, new_order_id
-from tests.harness import RedisServer, Sandbox
-from worker.errors import (
-    MAX_ERROR_CHARS,
-    Answer,
-    AuthError,
-    ErrorClass,
-    MiposError,
-    PermanentError,
-    TransientError,
-    classify,
-)
-from worker.mipos import MiposClient, TokenGrant, _grant_from
-from worker.orders import Action, parse_order_request
-from worker.reconcile import fetch_pending
-from worker.tokens import TokenStore
+from worker.mipos.classification import MAX_ERROR_CHARS, Answer, classify
+from worker.mipos.client import MiposClient, TokenGrant, _grant_from
+from worker.mipos.errors import AuthError, ErrorClass, MiposError, PermanentError, TransientError
+from worker.mipos.pending import fetch_pending
+from worker.mipos.tokens import TokenStore
+from worker.order.model import Action, parse_order_request
 
 T, A, P = ErrorClass.TRANSIENT, ErrorClass.AUTH, ErrorClass.PERMANENT
 
@@ -247,7 +239,7 @@ def test_pending_list_with_a_hostile_body(pending_rt: Any, sandbox: Sandbox, nam
     sandbox.control.add_call_faults("pending:h3", {"status": status, "body": HOSTILE_BODIES[name]})
     expected = TransientError if status >= 500 else PermanentError
     with pytest.raises(expected) as caught:
-        fetch_pending(pending_rt, "h3")
+        fetch_pending(pending_rt.client, pending_rt.tokens, "h3")
     assert readable(caught.value.message).startswith("pending list of store h3: ")
 
 
@@ -256,7 +248,7 @@ def test_pending_list_200_with_a_hostile_data(pending_rt: Any, sandbox: Sandbox,
     sandbox.control.add_call_faults("pending:h3", {"status": 200, "body": {"message": "Orders.",
                                                                           "data": data}})
     try:
-        pending, _ = fetch_pending(pending_rt, "h3")
+        pending, _ = fetch_pending(pending_rt.client, pending_rt.tokens, "h3")
     except TransientError as exc:
         readable(exc.message)
     else:

@@ -17,14 +17,15 @@ import urllib3.util.connection
 
 from config import MiposSettings
 from sandbox import SANDBOX_CREDENTIALS
+from support.processes import Sandbox, free_port
 from tests.conftest import new_order_id
-from tests.harness import Sandbox, free_port
 from tests.test_tls import make_certificates
-from worker import call_deadline
-from worker.budget import attempt_budget
-from worker.errors import Answer, ErrorClass, classify
-from worker.mipos import MiposClient
-from worker.orders import Action, parse_order_request
+from worker.mipos import call_deadline
+from worker.mipos.budget import attempt_budget
+from worker.mipos.classification import Answer, classify
+from worker.mipos.client import MiposClient
+from worker.mipos.errors import ErrorClass
+from worker.order.model import Action, parse_order_request
 
 TIMEOUT_S = 1.0  # per connect and per read: the total of one call is 2 s
 TOTAL_S = 2 * TIMEOUT_S

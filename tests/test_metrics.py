@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import redis
 
-from tests.harness import RedisServer, free_port, wait_for
-from worker.metrics import Metrics, render
+from support.processes import RedisServer, free_port, wait_for
+from worker.ops.metrics import render
+from worker.state.counters import Metrics
 
 
 def test_counts_write_through_without_a_flush_interval(redis_server: RedisServer) -> None:

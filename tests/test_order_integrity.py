@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cluster, new_order_id
-from worker.clock import redis_time
-from worker.stamps import PRIVATE_KEYS
+from worker.order.stamps import PRIVATE_KEYS
+from worker.state.clock import redis_time
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 DENY_PATH = "/api/v1/integration/order/deny"
@@ -29,7 +29,7 @@ def at_mipos(cluster: Cluster, store_id: str, order_id: str) -> dict[str, Any]:
 
 
 def send_by_name(name: str, *, args: list[Any] | None = None, kwargs: dict[str, Any] | None = None) -> None:
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     app.send_task(name, args=args or [], kwargs=kwargs or {}, queue="mipos")
 

@@ -7,10 +7,10 @@ from types import ModuleType
 
 import pytest
 
+from support.processes import wait_for
 from tests.conftest import Cluster, new_order_id
-from tests.harness import wait_for
-from worker.errors import InvalidOrder
-from worker.orders import Action, Order, order_key, parse_order_request
+from worker.order.errors import InvalidOrder
+from worker.order.model import Action, Order, order_key, parse_order_request
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 

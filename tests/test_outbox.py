@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.harness import ROOT, RedisServer, free_port
+from support.processes import ROOT, RedisServer, free_port
 
 SCRIPT = textwrap.dedent("""
     import sys

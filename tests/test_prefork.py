@@ -13,8 +13,8 @@ from types import ModuleType
 
 import pytest
 
+from support.processes import RedisServer, Sandbox
 from tests.conftest import Cluster, ClusterStarter, new_order_id
-from tests.harness import RedisServer, Sandbox
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 

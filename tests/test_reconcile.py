@@ -8,9 +8,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from support.processes import ROOT, procfile_command, stop_process, wait_for
 from tests.conftest import Cluster, ClusterFactory, new_order_id
-from tests.harness import ROOT, procfile_command, stop_process, wait_for
-from worker.metrics import Metrics
+from worker.state.counters import Metrics
 
 STORE = "9"
 ACCEPT_PATH = "/api/v1/integration/order/accept"
@@ -18,7 +18,7 @@ RECONCILE_ENV = {"MIPOS_RECONCILE_STORES": STORE, "MIPOS_RECONCILE_GRACE_S": "1"
 
 
 def sweep_now() -> None:
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     app.send_task("mipos.reconcile")
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from worker import redaction
-from worker.logging import configure_logging
+from worker.logs import redaction
+from worker.logs.setup import configure_logging
 
 HOSTILE = 'pa"ss\\wörd-€1'  # a quote, a backslash, non-ASCII (Latin-1 and beyond)
 SECRET = "client-secret-Ω-\t-42"

@@ -13,13 +13,12 @@ from typing import Any
 import pytest
 
 from bench.measure import long_lived_memory, memory_between
-from bench.processes import SANDBOX_ENV
+from support.processes import ROOT, SANDBOX_ENV, RedisServer, wait_for
 from tests.conftest import ClusterFactory, new_order_id
-from tests.harness import ROOT, RedisServer, wait_for
-from worker.ledger import LedgerEntry, OrderLedger
-from worker.orders import Action, Order
+from worker.order.model import Action, Order
+from worker.state.ledger import LedgerEntry, OrderLedger
 
-HISTORY_S = 300  # at the floor's side for the test's delivery numbers (251 s), see worker/retention.py
+HISTORY_S = 300  # at the floor's side for the test's delivery numbers (251 s), see config/retention.py
 LEDGER_S = 900  # floor 780: mipos's 10-minute list + the reconciliation grace and interval
 ORDERS = 30
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from config import RetrySettings
-from worker.retry import backoff_delay, decide_retry, delay_bounds
+from worker.attempt.retry import backoff_delay, decide_retry, delay_bounds
 
 SETTINGS = RetrySettings(max_attempts=12, base_delay_s=1.0, max_delay_s=60.0, deadline_s=600.0)
 

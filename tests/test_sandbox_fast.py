@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from bench.processes import SANDBOX_ENV, Sandbox
+from support.processes import SANDBOX_ENV, Sandbox
 
 ACCEPT = "/api/v1/integration/order/accept"
 

@@ -17,9 +17,9 @@ import redis
 
 from bench.sentinel import SentinelCluster
 from config import SettingsError, load_producer_settings, url_without_password
-from tests.harness import ROOT, wait_for
-from worker.orders import Action, Order
-from worker.replication import NotReplicated, ReplicaAck
+from support.processes import ROOT, wait_for
+from worker.order.model import Action, Order
+from worker.state.replication import NotReplicated, ReplicaAck
 
 REDIS_PASSWORD = "redis-pass-for-tests"
 SENTINEL_PASSWORD = "sentinel-pass-for-tests"
@@ -80,8 +80,8 @@ def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sent
 
 
 def test_clients_follow_a_failover_and_log_it_once(deployment: SentinelCluster) -> None:
-    from worker.runtime import redis_from_url
-    from worker.topology import master_address, tracker
+    from worker.state.connection import redis_from_url
+    from worker.state.topology import master_address, tracker
 
     settings = load_producer_settings()
     client = redis_from_url(settings.url, timeout_s=2.0, retries=1)
@@ -107,8 +107,8 @@ def test_clients_follow_a_failover_and_log_it_once(deployment: SentinelCluster) 
 
 
 def test_wait_for_a_replica_guards_the_done_record(deployment: SentinelCluster) -> None:
-    from worker.ledger import OrderLedger
-    from worker.runtime import redis_from_url
+    from worker.state.connection import redis_from_url
+    from worker.state.ledger import OrderLedger
 
     client = redis_from_url(load_producer_settings().url, timeout_s=3.0, retries=1)
     order = Order("1", "7", str(uuid.uuid4()))

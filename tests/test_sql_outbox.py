@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from support.processes import RedisServer
 from tests import mariadb
-from tests.harness import RedisServer
 
 QUEUE = "mipos"
 
@@ -191,9 +191,9 @@ def test_a_row_that_can_never_be_sent_is_moved_aside_with_the_reason(
 
 
 def test_redis_down_keeps_the_rows_and_counts_the_try(engine: sa.Engine, tmp_path: Path) -> None:
+    from support.processes import free_port
     from tasks.sql_outbox import RedisUnavailable, Relay, outbox_table
-    from tests.harness import free_port
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     store_order(engine, str(uuid.uuid4()))
     store_order(engine, str(uuid.uuid4()))

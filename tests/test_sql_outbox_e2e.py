@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from support.processes import RedisServer, wait_for
 from tests import postgres
 from tests.conftest import Cluster, ClusterFactory, new_order_id
-from tests.harness import RedisServer, wait_for
 from tests.outbox_processes import (
     RelayProcess,
     accepts_by_order,

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from support.processes import ROOT, RedisServer, Sandbox
 from tests.conftest import Cluster, harvest_tokens, new_order_id
-from tests.harness import ROOT, RedisServer, Sandbox
 
 PASSWORD = "tls-redis-password-41c"
 # Opens the broker connection the POS and every process of ours open, and says whether it worked.
 BROKER_PROBE = """
-from worker.celery_app import app
+from worker.wiring.celery_app import app
 with app.connection_for_write() as connection:
     connection.ensure_connection(max_retries=0)
     connection.default_channel.client.ping()

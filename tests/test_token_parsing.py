@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.mipos import parse_expires_in
-from worker.tokens import StoredToken
+from worker.mipos.client import parse_expires_in
+from worker.mipos.tokens import StoredToken
 
 NOW = 1_800_000_000.0
 

@@ -14,12 +14,12 @@ import structlog
 
 from config import MiposSettings
 from sandbox import SANDBOX_CREDENTIALS
+from support.processes import RedisServer, wait_for
 from tests.conftest import ClusterFactory, new_order_id
-from tests.harness import RedisServer, wait_for
-from worker.budget import attempt_budget
-from worker.errors import TransientError
-from worker.mipos import TokenGrant, token_expiry
-from worker.tokens import TokenStore
+from worker.mipos.budget import attempt_budget
+from worker.mipos.client import TokenGrant, token_expiry
+from worker.mipos.errors import TransientError
+from worker.mipos.tokens import TokenStore
 
 NOW = 1_800_000_000.0
 DAY = 86_400.0

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from config import load_delivery_settings, load_worker_settings
+from config import load_checked_worker_settings, load_delivery_settings, load_worker_settings
+from config import timing as delivery
+from support.processes import ROOT, RedisServer, procfile_command, wait_for
 from tests.conftest import ClusterFactory, new_order_id
-from tests.harness import ROOT, RedisServer, procfile_command, wait_for
-from worker import delivery
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 CLI = str(Path(sys.executable).parent / "mipos-worker")
@@ -41,7 +41,7 @@ HELD_FOR_S = 400.0  # past the old fixed 180 s, well inside the worker's 900 s
 PRODUCER_SCRIPT = """
 import json, sys
 from tasks import accept_order
-from worker.celery_app import app
+from worker.wiring.celery_app import app
 accept_order.delay(delivery_id=2, store_id="3", order_external_id=sys.argv[1])
 options = app.conf.broker_transport_options
 print(json.dumps({k: options[k] for k in ("visibility_timeout", "unacked_restore_interval")}))
@@ -88,7 +88,7 @@ def test_a_visibility_timeout_too_small_is_named_with_its_minimum() -> None:
     env = {**CREDENTIALS, "MIPOS_TIMEOUT_S": "10", "MIPOS_VISIBILITY_TIMEOUT_S": "60",
            "MIPOS_PASSWORD": ""}
     with pytest.raises(Exception) as info:
-        delivery.load_checked_worker_settings(env)
+        load_checked_worker_settings(env)
     text = str(info.value)
     assert "MIPOS_PASSWORD is required" in text  # one message, every bad setting
     assert "MIPOS_VISIBILITY_TIMEOUT_S=60" in text

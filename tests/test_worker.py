@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from support.processes import RedisServer
 from tests.conftest import Cluster, ClusterStarter, dead_letter_of, new_order_id
-from tests.harness import RedisServer
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 DENY_PATH = "/api/v1/integration/order/deny"
@@ -30,16 +30,6 @@ def make_cluster_module(redis_server: RedisServer, sandbox: Any, logdir: Any) ->
     starter = ClusterStarter(redis_server, sandbox, logdir)
     yield starter
     starter.stop_all()
-
-
-@pytest.fixture(scope="module")
-def tasks(redis_server: RedisServer) -> ModuleType:
-    """The POS side, in this test process, pointed at the test Redis."""
-    import tasks as pos_tasks
-    from worker.celery_app import app
-
-    app.conf.broker_url = redis_server.url
-    return pos_tasks
 
 
 def order_args(**extra: Any) -> dict[str, Any]:
@@ -94,7 +84,7 @@ def test_plain_deny(cluster: Cluster, tasks: ModuleType) -> None:
 
 
 def test_send_task_by_name(cluster: Cluster, tasks: ModuleType) -> None:
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     args = order_args()
     app.send_task("mipos.accept_order", kwargs=args)
@@ -270,7 +260,7 @@ def test_deny_needs_a_message(tasks: ModuleType) -> None:
 
 def test_bad_message_sent_by_name_fails_without_http_and_is_dead_lettered(
         cluster: Cluster, tasks: ModuleType, redis_server: RedisServer) -> None:
-    from worker.celery_app import app
+    from worker.wiring.celery_app import app
 
     order_id = new_order_id()
     app.send_task("mipos.accept_order",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from support.processes import Sandbox
 from tests.conftest import SANDBOX_ENV, SEEN_TOKENS, harvest_tokens
-from tests.harness import Sandbox
 
 
 def test_no_worker_log_line_contains_a_token_the_secret_or_the_password(

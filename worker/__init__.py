@@ -1,5 +1,24 @@
-"""The mipos worker: ``celery -A worker worker`` finds the Celery app here."""
+"""The mipos worker: ``celery -A worker worker`` finds the Celery app here.
 
-from worker.celery_app import app
+Its rooms, lowest first (each imports only from the ones before it):
 
-__all__ = ["app"]
+- ``order/``: what an order is, its arguments checked, the stamps its message carries;
+- ``logs/``: logging setup and the redaction of secrets;
+- ``state/``: everything kept in Redis, one owner per key family;
+- ``mipos/``: all HTTP to mipos: the client, the classification table, tokens;
+- ``attempt/``: the story of one delivery, its retry decision and its log line;
+- ``wiring/``: the Celery app and what runs beside it in a worker;
+- ``ops/``: what operators look at: the order view, metrics, Flower, replay.
+
+Importing any of them builds no Celery app and reads no setting; ``worker.app`` does.
+"""
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from worker.wiring.celery_app import app
+
+        return app
+    raise AttributeError(f"module 'worker' has no attribute {name!r}")

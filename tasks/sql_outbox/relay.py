@@ -30,15 +30,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine, Row
 
-from tasks.request_check import check_request
+from worker.order.request_check import check_request
 from tasks.sql_outbox.schema import (
     db_now,
     dead_table,
     outbox_table,
     supports_skip_locked,
 )
-from worker.orders import Action
-from worker.stamps import Stamps
+from worker.order.model import Action
+from worker.order.stamps import Stamps
 
 logger = structlog.stdlib.get_logger("mipos.outbox")
 
@@ -195,7 +195,7 @@ class Relay:
 
     def _publish(self, row: Row[Any]) -> str | None:
         """Publish one row; the reason it can never be published, or None when it went."""
-        from tasks.orders import publish_order
+        from worker.wiring.order_task import publish_order
 
         try:
             action = Action(row.action)

@@ -1,0 +1,85 @@
+"""structlog, configured once, through the stdlib so Celery's own records share it.
+
+Every line (ours and Celery's) is rendered by one ``ProcessorFormatter``: JSON
+by default, a console layout with ``LOG_FORMAT=console``. Secrets are taken out
+of the event's values before rendering, and out of the rendered text in every
+escaped form after it (worker/logs/redaction.py). Tracebacks carry no local
+variables: a frame's locals are where credentials live.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+import structlog.tracebacks
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from worker.logs.redaction import redact_text, redact_value
+
+
+def _redact_values(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
+    return {key: redact_value(value) for key, value in event_dict.items()}
+
+
+def _redact_rendered(_logger: WrappedLogger, _name: str, rendered: Any) -> Any:
+    return redact_text(rendered) if isinstance(rendered, str) else rendered
+
+
+def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Processor
+    if log_format == "console":
+        # The traceback as text in the event, so that it is redacted with the rest.
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                                 exception_formatter=structlog.dev.plain_traceback)
+        shared.append(structlog.processors.format_exc_info)
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        shared.append(structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _redact_values,
+            renderer,
+            _redact_rendered,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # urllib3 logs every connection at DEBUG; keep it at INFO even then.
+    logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
+
+
+def bind_task_context(task_id: str, task_name: str) -> None:
+    """Pool processes and threads are reused: start every task from a clean context."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(task_id=task_id, task_name=task_name)
+
+
+def clear_task_context() -> None:
+    structlog.contextvars.clear_contextvars()
+

@@ -1,0 +1,20 @@
+"""The checks ``delay()`` makes on a caller's arguments, for the other ways in (outbox, on-commit).
+
+Kept free of SQLAlchemy and Django: the worker imports it through worker/wiring/order_task.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.order.errors import InvalidOrder
+from worker.order.model import Action, OrderRequest, parse_order_request
+from worker.order.stamps import PRIVATE_KEYS
+
+
+def check_request(action: Action, arguments: dict[str, Any]) -> OrderRequest:
+    """What ``OrderTask.apply_async`` checks for a caller (worker/wiring/order_task.py): ``ValueError`` naming the field."""
+    for key in PRIVATE_KEYS:
+        if key in arguments:
+            raise InvalidOrder(key, "is set by mipos-worker itself; a caller may not pass it")
+    return parse_order_request(action, arguments)

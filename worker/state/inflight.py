@@ -1,0 +1,140 @@
+"""Every order task that is not finished yet, kept beside the broker: nothing is lost.
+
+kombu's Redis transport pops a message (BRPOP) and only then records it as
+unacknowledged (a second command). A worker killed, or a Redis restarted,
+between the two loses the message for good (seen in the chaos run; see
+kombu#1733 for a cousin). So the producer registers each task here before
+publishing it; the worker refreshes the entry's heartbeat at every delivery
+and removes it once the order is final. A sweeper (``worker/wiring/rescue.py``)
+re-publishes any entry that is stale and is neither queued nor unacknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import redis
+
+from config import load_retention_settings
+from worker.order.model import order_key
+from worker.order.stamps import STAMPS_KEY, stamps_of
+from worker.state.clock import redis_time
+from worker.state.ledger import order_tasks_key
+
+InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; when it is next due
+
+# Register a message about to be published, stamped with Redis's clock in the same
+# round trip: the enqueue time (given, or now minus the order's age on the
+# producer's own clock) and the publish time. Returns the enqueue time as a
+# string (a Lua number would come back truncated to an integer). The order's task
+# index is kept at least MIPOS_HISTORY_RETENTION_S, never shortened: the worker
+# sets it to its own retention after each attempt (worker/state/ledger.py).
+_REGISTER = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local enqueued = tonumber(ARGV[5]) or (now - tonumber(ARGV[6]))
+local stamp = string.format('%.6f', enqueued)
+redis.call('hset', KEYS[1], ARGV[1], '{"task":' .. cjson.encode(ARGV[2]) .. ',"enqueued_at":' .. stamp
+  .. ',"published_at":' .. string.format('%.6f', now) .. ',"kwargs":' .. ARGV[3] .. '}')
+redis.call('zadd', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('zadd', KEYS[3], 'NX', now, ARGV[1])
+if redis.call('ttl', KEYS[3]) < tonumber(ARGV[7]) then redis.call('expire', KEYS[3], ARGV[7]) end
+return stamp
+"""
+
+
+class InflightRegistry:
+    def __init__(self, redis_client: redis.Redis, key_prefix: str,
+                 index_ttl_s: float | None = None) -> None:
+        self.redis = redis_client
+        self.prefix = key_prefix
+        self._index_ttl_s = index_ttl_s
+        self.entries_key = f"{key_prefix}inflight"
+        self.heartbeats_key = f"{key_prefix}inflight:heartbeat"
+        self._register = redis_client.register_script(_REGISTER)
+
+    def register(self, task_id: str, task_name: str, kwargs: dict[str, Any],
+                 countdown: float | None = None, *, enqueued_at: float | None = None,
+                 age_s: float = 0.0) -> float:
+        """Record the message about to be published; its next sign of life is due after ``countdown``.
+
+        Returns the enqueue time on Redis's clock: ``enqueued_at`` when given (a
+        retry), else the one the message's stamps carry, else now minus ``age_s``.
+        """
+        okey = order_key(kwargs.get("store_id"), kwargs.get("order_external_id"))
+        if enqueued_at is None:  # a message published again as it was (the rescue sweep)
+            enqueued_at = stamps_of(kwargs).enqueued_at
+        stamp = self._register(
+            keys=[self.entries_key, self.heartbeats_key, order_tasks_key(self.prefix, okey)],
+            args=[task_id, task_name, json.dumps(kwargs), countdown or 0.0,
+                  "" if enqueued_at is None else repr(float(enqueued_at)), max(0.0, age_s),
+                  max(1, math.ceil(self.index_ttl_s))],
+        )
+        return float(stamp)
+
+    @property
+    def index_ttl_s(self) -> float:
+        """MIPOS_HISTORY_RETENTION_S: given, else read when first needed (the POS side)."""
+        if self._index_ttl_s is None:
+            self._index_ttl_s = load_retention_settings().history_s
+        return self._index_ttl_s
+
+    def entry(self, task_id: str) -> InflightEntry | None:
+        """The registered message of an unfinished task and when it is next due; None if final."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.entries_key, task_id)
+        pipe.zscore(self.heartbeats_key, task_id)
+        raw, due = pipe.execute()
+        if raw is None:
+            return None
+        return _message(raw), (float(due) if due is not None else None)
+
+    def heartbeat(self, task_id: str, now: float) -> None:
+        """``now`` on Redis's clock (``worker.state.clock``), like every score here."""
+        self.redis.zadd(self.heartbeats_key, {task_id: now}, xx=True)
+
+    def forget(self, task_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.entries_key, task_id)
+        pipe.zrem(self.heartbeats_key, task_id)
+        pipe.execute()
+
+    def stale(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, dict[str, Any], float]]:
+        """Entries without a sign of life for ``older_than_s``: (task id, entry, last seen)."""
+        ceiling = redis_time(self.redis) - older_than_s
+        found: list[Any] = list(self.redis.zrangebyscore(self.heartbeats_key, "-inf", ceiling,
+                                                         start=0, num=limit, withscores=True))
+        result = []
+        for raw_id, seen in found:
+            task_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            raw = self.redis.hget(self.entries_key, task_id)
+            if raw is None:
+                self.redis.zrem(self.heartbeats_key, task_id)
+                continue
+            result.append((task_id, _message(raw), float(seen)))
+        return result
+
+    def order_keys(self) -> set[str]:
+        """``store/order`` of every unfinished task (for reconciliation)."""
+        keys = set()
+        for raw in self.redis.hvals(self.entries_key):
+            kwargs = json.loads(raw).get("kwargs", {})
+            keys.add(order_key(kwargs.get("store_id"), kwargs.get("order_external_id")))
+        return keys
+
+    def count(self) -> int:
+        return int(self.redis.hlen(self.entries_key))
+
+
+def _message(raw: bytes | str) -> dict[str, Any]:
+    """A registry entry with the enqueue time put back among the message's stamps,
+    so that ``entry["kwargs"]`` is the message to publish again."""
+    entry: dict[str, Any] = json.loads(raw)
+    kwargs = entry.get("kwargs")
+    if isinstance(kwargs, dict) and entry.get("enqueued_at") is not None:
+        stamps = kwargs.get(STAMPS_KEY)
+        kwargs[STAMPS_KEY] = {**(stamps if isinstance(stamps, dict) else {}),
+                              "enqueued_at": entry["enqueued_at"]}
+    return entry

@@ -1,0 +1,185 @@
+"""What the workers agree on about each order, kept in Redis.
+
+- the ledger: orders already accepted or denied at mipos (never send again);
+- the order lock: one sender per order at a time, across all processes (phases.py takes it);
+- the attempt history of each task (for the attempt number and dead letters);
+- the "sending" mark: set before a request leaves, cleared after its outcome
+  is recorded, so a redelivered message knows the earlier outcome is unknown;
+- the tasks of each order (for ``mipos-worker order``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import redis
+
+from config import RetentionSettings, configured_retention
+from worker.order.model import Action, Order
+from worker.state.replication import NO_ACK, ReplicaAck
+
+# How long each kind of record stays: settings (config/settings.py), floors in config/retention.py.
+
+
+def order_tasks_key(key_prefix: str, order_key: str) -> str:
+    """The tasks ever enqueued or run for one order (``store/order``), by first sight."""
+    return f"{key_prefix}order-tasks:{order_key}"
+
+
+def note_order_task(pipe: Any, key_prefix: str, order_key: str, task_id: str, ttl_s: float) -> None:
+    key = order_tasks_key(key_prefix, order_key)
+    pipe.zadd(key, {task_id: time.time()}, nx=True)
+    pipe.expire(key, _seconds(ttl_s))
+
+
+def _seconds(ttl_s: float) -> int:
+    return max(1, math.ceil(ttl_s))
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    action: str
+    task_id: str
+    at: float
+    delivery_id: str
+    message: str | None = None  # a deny's reason, for a reconciliation resend
+    store_id: str | None = None
+    order_external_id: str | None = None
+    confirmed_by: str | None = None  # "pending_list": mipos stopped listing it after an unknown outcome
+
+    def compact_json(self) -> str:
+        """The stored form: no field the key already holds (the store and order ids), no
+        null field, the time to the millisecond; ``LedgerEntry(**json.loads(...))`` reads
+        it as it reads the records of earlier versions, which carried every field."""
+        fields = asdict(self)
+        fields.pop("store_id")
+        fields.pop("order_external_id")
+        fields["at"] = round(self.at, 3)
+        return json.dumps({k: v for k, v in fields.items() if v is not None}, separators=(",", ":"))
+
+
+def read_entry(raw: bytes | str, order: Order) -> LedgerEntry:
+    entry = LedgerEntry(**json.loads(raw))
+    if entry.store_id is None and entry.order_external_id is None:
+        entry = replace(entry, store_id=order.store_id, order_external_id=order.order_external_id)
+    return entry
+
+
+@dataclass(frozen=True)
+class Uncertain:
+    """An accept or deny that may have reached mipos: its answer never came."""
+
+    action: str
+    task_id: str
+    at: float
+    enqueued_at: float  # of that task: bounds the order's age at mipos from below
+
+
+# The done record, and the end of any "maybe done" mark, in one step.
+_RECORD_DONE = """
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('del', KEYS[2])
+"""
+
+
+class OrderLedger:
+    """With ``ack`` (REDIS_MIN_REPLICAS_ACK > 0) the writes a failover must not lose, the done
+    record and the "sending" mark, return only once that many replicas have them
+    (worker/state/replication.py); else NotReplicated, and the task is not acknowledged."""
+
+    def __init__(self, redis_client: redis.Redis, key_prefix: str, ack: ReplicaAck = NO_ACK,
+                 retention: RetentionSettings | None = None) -> None:
+        self.redis = redis_client
+        self.prefix = key_prefix
+        self.ack = ack
+        self._retention = retention
+
+    @property
+    def retention(self) -> RetentionSettings:
+        """Given, else read from the environment when first needed (only writers need it)."""
+        if self._retention is None:
+            self._retention = configured_retention()
+        return self._retention
+
+    def done_key(self, order: Order) -> str:
+        return f"{self.prefix}done:{order.key}"
+
+    def uncertain_key(self, order: Order) -> str:
+        return f"{self.prefix}uncertain:{order.key}"
+
+    def done(self, order: Order) -> LedgerEntry | None:
+        raw = self.redis.get(self.done_key(order))
+        return read_entry(raw, order) if raw else None
+
+    def state(self, order: Order) -> tuple[LedgerEntry | None, Uncertain | None]:
+        """What is known of the order at mipos: done, or possibly done by an unanswered request."""
+        done, uncertain = self.redis.mget(self.done_key(order), self.uncertain_key(order))
+        return (read_entry(done, order) if done else None,
+                Uncertain(**json.loads(uncertain)) if uncertain else None)
+
+    @staticmethod
+    def entry(order: Order, action: Action, task_id: str, message: str | None = None,
+              *, confirmed_by: str | None = None) -> LedgerEntry:
+        return LedgerEntry(action.value, task_id, time.time(), order.delivery_id, message,
+                           order.store_id, order.order_external_id, confirmed_by)
+
+    def record_uncertain(self, order: Order, uncertain: Uncertain, ttl_s: float) -> None:
+        """Until settled (a 200, the pending list) or ``ttl_s`` passes (the deadline of
+        that task: after it mipos has dropped the order anyway)."""
+        self.redis.set(self.uncertain_key(order), json.dumps(asdict(uncertain)), ex=_seconds(ttl_s))
+
+    def clear_uncertain(self, order: Order) -> None:
+        self.redis.delete(self.uncertain_key(order))
+
+    def lock_key(self, order: Order) -> str:
+        """One sender per order at a time: taken and released by the attempt's phases (phases.py)."""
+        return f"{self.prefix}lock:{order.key}"
+
+    def tasks_key(self, order: Order) -> str:
+        return order_tasks_key(self.prefix, order.key)
+
+    def history_key(self, task_id: str) -> str:
+        return f"{self.prefix}attempts:{task_id}"
+
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        return [json.loads(item) for item in self.redis.lrange(self.history_key(task_id), 0, -1)]
+
+    def record_attempt(self, task_id: str, record: dict[str, Any], order: Order | None = None) -> None:
+        key = self.history_key(task_id)
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, json.dumps(record))
+        pipe.expire(key, _seconds(self.retention.history_s))
+        if order is not None:
+            note_order_task(pipe, self.prefix, order.key, task_id, self.retention.history_s)
+        pipe.execute()
+
+    def tasks_for(self, order: Order) -> list[str]:
+        """Oldest first."""
+        ids = self.redis.zrange(order_tasks_key(self.prefix, order.key), 0, -1)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    def sending_key(self, task_id: str) -> str:
+        return f"{self.prefix}sending:{task_id}"
+
+    def mark_sending(self, task_id: str, attempt: int) -> None:
+        """Before a request leaves; replicated first when asked, so that an answer lost in a
+        failover still counts as unknown (settled through the pending list, flagged)."""
+        if self.ack.enabled:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(self.sending_key(task_id), attempt, ex=_seconds(self.retention.history_s))
+            self.ack.queue_wait(pipe)
+            self.ack.check(pipe.execute()[-1], f"the sending mark of task {task_id}")
+            return
+        self.redis.set(self.sending_key(task_id), attempt, ex=_seconds(self.retention.history_s))
+
+    def clear_sending(self, task_id: str) -> None:
+        self.redis.delete(self.sending_key(task_id))
+
+    def interrupted_attempt(self, task_id: str) -> int | None:
+        """The attempt a crashed worker had in flight for this task, if any."""
+        raw = self.redis.get(self.sending_key(task_id))
+        return int(raw) if raw is not None else None

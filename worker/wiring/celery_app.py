@@ -1,0 +1,175 @@
+"""The Celery app: transport, serialization and delivery settings, and signals.
+
+Importing this needs only ``REDIS_URL`` (the POS side). The visibility timeout
+and kombu's restore interval are set here, from ``MIPOS_TIMEOUT_S`` and
+``MIPOS_VISIBILITY_TIMEOUT_S``, in every process that builds the app: a
+consuming connection (a worker, Flower, ``doctor``'s ping) sweeps the unacked
+messages with its own value, so all must share the workers'. A worker checks
+every setting in ``celeryd_init`` and exits with one message if any is wrong.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery, signals
+
+from config import (
+    DeliverySettings,
+    ReconcileSettings,
+    SettingsError,
+    load_checked_worker_settings,
+    load_delivery_settings,
+    load_producer_settings,
+    load_reconcile_settings,
+    load_worker_settings,
+)
+from config import timing as delivery
+from config.timing import QUEUE
+from worker.logs.setup import bind_task_context, clear_task_context, configure_logging
+from worker.state.topology import kombu_sentinel_options
+from worker.wiring import events_patch
+from worker.wiring.rescue import LostMessageSweeper
+from worker.wiring.runtime import flush_metrics, get_runtime
+
+_redis = load_producer_settings()
+_delivery: DeliverySettings
+try:
+    _delivery = load_delivery_settings()
+except SettingsError:
+    # Reported where it matters: a worker refuses to start (celeryd_init), Flower and
+    # doctor refuse to consume (delivery.broker_settings_problems). A producer only
+    # publishes, and publishing never re-queues anything.
+    _delivery = load_delivery_settings({})
+events_patch.install()  # celery#10434: task events lost with the threads pool
+
+# Bounded so that a POS calling `delay()` never hangs on a Redis that is down
+# or does not answer: it gets an exception within a few seconds.
+PRODUCER_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 3,
+    "socket_connect_timeout": 2,
+    "max_retries": 1,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 0.5,
+}
+
+# Behind Sentinel (REDIS_URL=sentinel://...): which master, and how to reach the Sentinels;
+# kombu then asks them for the master on every new connection, so it follows a failover.
+SENTINEL_TIMEOUT_S = 2.0
+
+app = Celery("mipos", include=["tasks.orders", "tasks.reconcile"])
+app.conf.update(
+    broker_url=_redis.url,
+    broker_connection_timeout=2,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        **PRODUCER_TRANSPORT_OPTIONS,
+        "visibility_timeout": delivery.visibility_timeout_s(_delivery),
+        "unacked_restore_interval": delivery.restore_interval_s(_delivery),
+        "unacked_restore_throttle": 1,
+        **kombu_sentinel_options(_redis, SENTINEL_TIMEOUT_S),
+    },
+    task_publish_retry_policy={
+        "max_retries": 1,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 0.5,
+    },
+    # JSON only: a pickled message is refused, never executed.
+    task_serializer="json",
+    result_serializer="json",
+    event_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    task_default_queue=QUEUE,
+    # At-least-once: acknowledge after the attempt, hand the message back if
+    # the process running it dies, and reserve one message at a time.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    # Our logging stays in charge; Flower sees tasks as they are sent and run.
+    worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    enable_utc=True,
+)
+
+
+_reconcile: ReconcileSettings | None
+try:
+    _reconcile = load_reconcile_settings()
+except SettingsError:
+    _reconcile = None  # the worker reports it; beat schedules nothing
+if _reconcile is not None and _reconcile.stores:
+    app.conf.beat_schedule = {
+        "reconcile": {
+            "task": "mipos.reconcile",
+            "schedule": _reconcile.interval_s,
+            "options": {"expires": _reconcile.interval_s},  # a late sweep is replaced by the next
+        },
+    }
+
+
+@signals.celeryd_init.connect
+def _check_settings(**_: Any) -> None:
+    """Refuse to start a worker with a broken configuration, naming every problem."""
+    try:
+        load_checked_worker_settings()
+    except SettingsError as exc:
+        print(f"mipos-worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    try:
+        settings = load_worker_settings()
+        configure_logging(settings.log_level, settings.log_format)
+    except SettingsError:
+        configure_logging()
+
+
+@signals.task_prerun.connect
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    bind_task_context(task_id or "", getattr(task, "name", ""))
+
+
+@signals.task_postrun.connect
+def _clear_task(**_: Any) -> None:
+    clear_task_context()
+
+
+_sweeper: LostMessageSweeper | None = None
+
+
+@signals.worker_ready.connect
+def _start_rescue(**_: Any) -> None:
+    """Re-publish order tasks the broker lost (worker/wiring/rescue.py); one thread per worker."""
+    global _sweeper
+    runtime = get_runtime()
+    settings = runtime.settings
+    _sweeper = LostMessageSweeper(
+        app=app,
+        registry=runtime.inflight,
+        redis_client=runtime.redis,
+        queue=QUEUE,
+        silent_after_s=delivery.rescue_after_s(settings),
+        interval_s=max(1.0, delivery.restore_interval_s(settings)),
+        lock_key=f"{settings.redis.key_prefix}rescue:lock",
+    )
+    _sweeper.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_rescue(**_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()
+    flush_metrics()
+
+
+@signals.worker_process_shutdown.connect
+def _flush_child_metrics(**_: Any) -> None:
+    flush_metrics()  # a prefork child: its own counts

@@ -1,0 +1,130 @@
+"""The Celery task class of the accept and deny tasks: what happens in the POS's process.
+
+``OrderTask.apply_async`` checks the arguments in the caller's process
+(``ValueError`` naming the field, nothing enqueued), refuses the stamps only
+mipos-worker may set (``worker/order/stamps.py``), and registers the task,
+stamped with Redis's clock, before publishing it (``worker/state/inflight.py``).
+The project's own producers (the outbox, replay, reconciliation, the worker's
+retries) go through ``publish_order``. ``delay_on_commit`` is Celery's
+``DjangoTask`` idea for these tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import redis
+from celery import Task
+from kombu.exceptions import OperationalError
+
+from config import RedisSettings, load_producer_settings
+from worker.order.model import Action, OrderRequest, named_arguments, parse_order_request
+from worker.order.request_check import check_request
+from worker.order.stamps import STAMPS_KEY, Stamps, split_message
+from worker.state.connection import producer_redis
+from worker.state.inflight import InflightRegistry
+from worker.state.replication import ReplicaAck, confirm_replicated
+
+TASK_NAMES = {Action.ACCEPT: "mipos.accept_order", Action.DENY: "mipos.deny_order"}
+
+_internal_publish: ContextVar[bool] = ContextVar("mipos_internal_publish", default=False)
+
+
+@contextmanager
+def internal_publish() -> Iterator[None]:
+    """Within: a publish of our own, whose stamps are kept (a retry, replay, the outbox)."""
+    token = _internal_publish.set(True)
+    try:
+        yield
+    finally:
+        _internal_publish.reset(token)
+
+
+class OrderTask(Task):
+    action: Action
+    max_retries = None  # attempts and deadline are ours to count (worker/attempt/retry.py)
+    typing = False  # checked by parse_order_request, with clearer messages
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        arguments = named_arguments(self.action, tuple(args or ()), dict(kwargs or {}))
+        if _internal_publish.get():
+            arguments, stamps, _ = split_message(arguments)
+            request = parse_order_request(self.action, arguments)
+        else:  # a caller: its arguments checked, our stamps refused
+            stamps = Stamps()
+            request = check_request(self.action, arguments)
+        age_s = float(options.pop("age_s", 0.0) or 0.0)
+        options["task_id"] = options.get("task_id") or str(uuid.uuid4())
+        options["kwargsrepr"] = repr(request.body())  # what Flower shows: the order, not our stamps
+        settings = load_producer_settings()
+        client = self._producer_redis(options)
+        enqueued_at = self._register(client, settings, options, request, stamps, age_s)
+        message = {**request.body(), STAMPS_KEY: stamps.but(enqueued_at=enqueued_at).to_message()}
+        result = super().apply_async(args=(), kwargs=message, **options)
+        self._confirm_replicated(client, settings, options)
+        return result
+
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        self.apply_async_on_commit(args, kwargs)
+
+    def apply_async_on_commit(self, args: Any = None, kwargs: Any = None, **options: Any) -> None:
+        """Checked at once; enqueued when the current Django transaction commits (at once outside
+        one), not at all when it rolls back. A crash between the commit and the enqueue loses
+        it, as in Celery: the outbox (tasks.django_outbox) has no such gap."""
+        from django.db import transaction
+
+        check_request(self.action, named_arguments(self.action, tuple(args or ()), dict(kwargs or {})))
+        using = options.pop("using", None)
+        transaction.on_commit(functools.partial(self.apply_async, args, kwargs, **options), using=using)
+
+    def _producer_redis(self, options: dict[str, Any]) -> redis.Redis:
+        connection = options.get("connection")
+        url = connection.as_uri(include_password=True) if connection else self.app.conf.broker_url
+        if connection is not None and connection.alt:  # sentinel://a;sentinel://b: every Sentinel
+            url = ";".join(connection.alt)
+        return producer_redis(url)
+
+    def _confirm_replicated(self, client: redis.Redis, settings: RedisSettings,
+                            options: dict[str, Any]) -> None:
+        """REDIS_MIN_REPLICAS_ACK > 0: return only once the registration and the message are on
+        that many replicas (worker/state/replication.py), else raise as when Redis is down."""
+        ack = ReplicaAck.of(settings)
+        if not ack.enabled:
+            return
+        try:
+            confirm_replicated(client, settings.key_prefix, ack, f"{self.name} {options['task_id']}")
+        except redis.RedisError as exc:
+            raise OperationalError(f"{self.name} not confirmed as replicated: {exc}") from exc
+
+    def _register(self, client: redis.Redis, settings: RedisSettings, options: dict[str, Any],
+                  request: OrderRequest, stamps: Stamps, age_s: float) -> float:
+        """Note the task in the in-flight registry before it is published; returns its
+        enqueue time on Redis's clock."""
+        countdown = options.get("countdown")
+        try:
+            registry = InflightRegistry(client, settings.key_prefix)
+            return registry.register(
+                options["task_id"], self.name, {**request.body(), STAMPS_KEY: stamps.to_message()},
+                countdown=float(countdown) if countdown else None,
+                enqueued_at=stamps.enqueued_at, age_s=age_s)
+        except redis.RedisError as exc:
+            raise OperationalError(f"cannot reach Redis to enqueue {self.name}: {exc}") from exc
+
+
+def publish_order(action: Action, arguments: dict[str, Any], stamps: Stamps, *,
+                  age_s: float = 0.0, **options: Any) -> Any:
+    """Enqueue with stamps: for the project's own producers only.
+
+    ``age_s``: how long ago the order was enqueued, on the producer's own clock
+    (the outbox's kept rows); the deadline counts from then.
+    """
+    from worker.wiring.celery_app import app
+
+    task = app.tasks[TASK_NAMES[action]]
+    with internal_publish():
+        return task.apply_async(kwargs={**arguments, STAMPS_KEY: stamps.to_message()}, age_s=age_s, **options)
