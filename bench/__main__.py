@@ -11,7 +11,9 @@ the median over ``--repeats`` pairs of runs, shown with its min and max; each
 row shows the machine's idle CPU share during its runs (lowest and median), so
 a busy machine is visible. See ``bench/runs.py`` for how a run is kept clean.
 ``--json`` writes every row (with each run's figures) and ``_details``: Redis
-commands per acceptance by command, and memory per order by kind of key.
+commands per acceptance by command, Redis round trips per acceptance by command
+(from a separate run under ``MONITOR``, see ``bench/round_trips.py``) and memory
+per order by kind of key.
 
 Only loopback addresses; every wait is bounded.
 """
@@ -30,6 +32,8 @@ from typing import Any
 
 from bench.measure import percentile
 from bench.report import Goal, Row, table
+from bench.round_trips import ORDERS as ROUND_TRIP_ORDERS
+from bench.round_trips import count_round_trips
 from bench.runs import Bench, RunResult
 from bench.systems import OURS, STOCK
 
@@ -177,6 +181,27 @@ class Plan:
         ]
         self.details["stdlib_sandbox_cpu_ms_per_request"] = round(sandbox_ms, 3)
 
+    def round_trips(self, pool: str, concurrency: int, orders: int) -> None:
+        """Counted in one unmeasured run per system (MONITOR costs Redis CPU); the row goes
+        beside the commands row."""
+        found = {}
+        for system in (OURS, STOCK):
+            self.say(f"round trips: {orders} orders at latency 0 under MONITOR: {system.name}")
+            found[system.name] = count_round_trips(self.bench, system, pool, concurrency, orders)
+            self.say(f"  {found[system.name].per_order(orders):.2f} round trips per acceptance")
+        row = Row("redis_round_trips_per_acceptance", "Redis round trips per acceptance: commands "
+                  "clients send, a script call once (producer + worker, sweeps included)", "",
+                  [found["ours"].per_order(orders)], [found["stock"].per_order(orders)], "stock Celery",
+                  Goal("ratio", "<=", 1.5), note=f"{orders} orders under MONITOR, once each")
+        after = [n + 1 for n, r in enumerate(self.rows) if r.key == "redis_commands_per_acceptance"]
+        self.rows.insert(after[0] if after else len(self.rows), row)
+        self.details["round_trips_per_acceptance"] = {
+            name: _per_command([dict(found[name].client)], orders) for name in found}
+        self.details["script_commands_per_acceptance"] = {
+            name: _per_command([dict(found[name].script)], orders) for name in found}
+        self.details["round_trips_per_acceptance_multi_exec_once"] = {
+            name: round(found[name].per_order_transactions_once(orders), 3) for name in found}
+
     def calibration(self) -> None:
         per_request_ms = self.server_cpu_s * 1000 / max(1, self.server_requests)
         capacity = 1000 / per_request_ms if per_request_ms > 0 else float("inf")
@@ -216,6 +241,7 @@ def run(options: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
         rate, seconds = (20.0, 1.0) if smoke else (100.0, options.latency_seconds)
         plan.queue_latency(rate, seconds, pool, concurrency, repeats)
         plan.tokens(*((50, 1.0, 3.0) if smoke else (500, 5.0, 20.0)), pool, concurrency)
+        plan.round_trips(pool, concurrency, orders if smoke else ROUND_TRIP_ORDERS)
         plan.calibration()
     finally:
         bench.stop()

@@ -20,8 +20,8 @@ from structlog.testing import capture_logs
 import worker.wiring.runtime
 from support.processes import SANDBOX_ENV
 from tests.conftest import FAST_RETRY_ENV, Cluster, new_order_id
+from worker.mipos.tokens import TokenStore
 from worker.order.model import Action
-from worker.state.ledger import OrderLedger
 
 
 @pytest.fixture
@@ -40,15 +40,15 @@ def test_an_unexpected_error_is_logged_and_retried(cluster: Cluster, tasks: Modu
     from tasks.orders import accept_order, run_attempt
 
     calls: list[int] = []
-    real_state = OrderLedger.state
+    real_current = TokenStore.current
 
-    def state_failing_once(self: OrderLedger, order: Any) -> Any:
+    def current_failing_once(self: TokenStore, *args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return real_state(self, order)
+        return real_current(self, *args, **kwargs)
 
-    monkeypatch.setattr(OrderLedger, "state", state_failing_once)
+    monkeypatch.setattr(TokenStore, "current", current_failing_once)
     order_id = new_order_id()
     accept_order.push_request(id=new_order_id(), retries=0, delivery_info={}, headers={},
                               called_directly=False)

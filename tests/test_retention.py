@@ -14,7 +14,7 @@ import pytest
 
 from bench.measure import long_lived_memory, memory_between
 from support.processes import ROOT, SANDBOX_ENV, RedisServer, wait_for
-from tests.conftest import ClusterFactory, new_order_id
+from tests.conftest import ClusterFactory, new_order_id, write_done
 from worker.order.model import Action, Order
 from worker.state.ledger import LedgerEntry, OrderLedger
 
@@ -136,6 +136,6 @@ def test_an_unset_retention_follows_a_longer_horizon(monkeypatch: pytest.MonkeyP
     ledger = OrderLedger(client, "retention-test:")
     order = Order("41", "3", new_order_id())
     ledger.record_attempt("task-1", {"attempt": 1}, order)
-    ledger.record_done(order, Action.ACCEPT, "task-1")
+    write_done(client, "retention-test:", order, "task-1")
     assert 4137 - 5 <= client.ttl("retention-test:attempts:task-1") <= 4137
     assert 86400 - 5 <= client.ttl(f"retention-test:done:3/{order.order_external_id}") <= 86400

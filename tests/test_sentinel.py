@@ -18,6 +18,7 @@ import redis
 from bench.sentinel import SentinelCluster
 from config import SettingsError, load_producer_settings, url_without_password
 from support.processes import ROOT, wait_for
+from tests.conftest import write_done
 from worker.order.model import Action, Order
 from worker.state.replication import NotReplicated, ReplicaAck
 
@@ -108,19 +109,17 @@ def test_clients_follow_a_failover_and_log_it_once(deployment: SentinelCluster) 
 
 def test_wait_for_a_replica_guards_the_done_record(deployment: SentinelCluster) -> None:
     from worker.state.connection import redis_from_url
-    from worker.state.ledger import OrderLedger
 
     client = redis_from_url(load_producer_settings().url, timeout_s=3.0, retries=1)
     order = Order("1", "7", str(uuid.uuid4()))
-    ledger = OrderLedger(client, "mipos:", ReplicaAck(1, 0.5))
-    ledger.record_done(order, Action.ACCEPT, "task-1")
+    write_done(client, "mipos:", order, "task-1", ReplicaAck(1, 0.5))
     replica = next(node for node in deployment.nodes if node.port != deployment.master().port)
     assert replica.client.get(f"mipos:done:{order.key}") is not None  # on the replica on return
 
     replica.kill()
     with pytest.raises(NotReplicated, match="0 of the 1 replicas"):
-        OrderLedger(client, "mipos:", ReplicaAck(1, 0.3)).record_done(order, Action.ACCEPT, "task-2")
-    OrderLedger(client, "mipos:").record_done(order, Action.ACCEPT, "task-3")  # 0: no WAIT
+        write_done(client, "mipos:", order, "task-2", ReplicaAck(1, 0.3))
+    write_done(client, "mipos:", order, "task-3")  # 0: no WAIT
 
 
 def test_delay_fails_fast_without_a_replica_and_doctor_says_why(deployment: SentinelCluster,

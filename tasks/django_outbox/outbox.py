@@ -10,8 +10,8 @@ import sys
 import uuid
 from typing import Any
 
-from worker.order.request_check import check_request
 from worker.order.model import Action
+from worker.order.request_check import check_request
 
 
 def accept(*, using: str | None = None, **arguments: Any) -> str:

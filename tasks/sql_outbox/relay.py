@@ -30,7 +30,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine, Row
 
-from worker.order.request_check import check_request
 from tasks.sql_outbox.schema import (
     db_now,
     dead_table,
@@ -38,6 +37,7 @@ from tasks.sql_outbox.schema import (
     supports_skip_locked,
 )
 from worker.order.model import Action
+from worker.order.request_check import check_request
 from worker.order.stamps import Stamps
 
 logger = structlog.stdlib.get_logger("mipos.outbox")

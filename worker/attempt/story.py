@@ -21,8 +21,7 @@ from typing import Any, Protocol
 import redis
 import structlog
 
-from config import WorkerSettings
-from config import timing
+from config import WorkerSettings, timing
 from worker.attempt import retry
 from worker.attempt.line import AttemptLine
 from worker.attempt.record import AttemptRecord, History
@@ -48,15 +47,24 @@ UNCERTAIN_MARGIN_S = 60.0
 class Services(Protocol):
     """What a delivery uses (``worker/wiring/runtime.py`` builds it; tests pass fakes)."""
 
-    settings: WorkerSettings
-    client: Any  # worker.mipos.client.MiposClient
-    tokens: Any  # worker.mipos.tokens.TokenStore
-    ledger: Any  # worker.state.ledger.OrderLedger
-    phases: Any  # worker.state.phases.AttemptPhases
-    breaker: Any  # worker.state.breaker.CircuitBreaker
-    dead_letters: Any  # worker.state.deadletters.DeadLetters
-    metrics: Any  # worker.state.counters.Metrics
-    clock: Any  # worker.state.clock.SharedClock
+    @property
+    def settings(self) -> WorkerSettings: ...
+    @property
+    def client(self) -> Any: ...  # worker.mipos.client.MiposClient
+    @property
+    def tokens(self) -> Any: ...  # worker.mipos.tokens.TokenStore
+    @property
+    def ledger(self) -> Any: ...  # worker.state.ledger.OrderLedger
+    @property
+    def phases(self) -> Any: ...  # worker.state.phases.AttemptPhases
+    @property
+    def breaker(self) -> Any: ...  # worker.state.breaker.CircuitBreaker
+    @property
+    def dead_letters(self) -> Any: ...  # worker.state.deadletters.DeadLetters
+    @property
+    def metrics(self) -> Any: ...  # worker.state.counters.Metrics
+    @property
+    def clock(self) -> Any: ...  # worker.state.clock.SharedClock
 
 
 @dataclass(frozen=True)
@@ -467,10 +475,13 @@ class Delivery:
             self.task_id, self.order, records=self.unwritten, lock_id=start.lock_id if start and start.locked else None,
             clear_sending=True, final=final, breaker_success=self.breaker_heard, done=done)
         self.unwritten = []
-        if final and self.stamps.held:
-            self.s.breaker.unhold(self.task_id)
-        if closed_breaker:
-            self.s.breaker.log_closed()
+        try:  # after the end is written: best effort, so the line always follows
+            if final and self.stamps.held:
+                self.s.breaker.unhold(self.task_id)  # else it leaves the waiting set by its deadline
+            if closed_breaker:
+                self.s.breaker.log_closed()
+        except redis.RedisError:
+            pass
 
     def _duplicate_warning(self) -> dict[str, Any]:
         """On success: an earlier attempt may have been applied too (read timeout, worker lost)."""

@@ -18,7 +18,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-
 from typing import Any
 
 import redis

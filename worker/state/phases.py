@@ -87,7 +87,7 @@ if records > 0 then
   redis.call('expire', KEYS[1], ARGV[3])
   if KEYS[2] ~= '' then
     redis.call('zadd', KEYS[2], 'NX', tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
-    if redis.call('ttl', KEYS[2]) < tonumber(ARGV[3]) then redis.call('expire', KEYS[2], ARGV[3]) end
+    redis.call('expire', KEYS[2], ARGV[3])
   end
 end
 if ARGV[11] ~= '' then

@@ -125,6 +125,7 @@ def publish_order(action: Action, arguments: dict[str, Any], stamps: Stamps, *,
     """
     from worker.wiring.celery_app import app
 
+    app.loader.import_default_modules()  # the tasks' module (``include``), in a CLI or relay process
     task = app.tasks[TASK_NAMES[action]]
     with internal_publish():
         return task.apply_async(kwargs={**arguments, STAMPS_KEY: stamps.to_message()}, age_s=age_s, **options)
