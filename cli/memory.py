@@ -20,7 +20,7 @@ from cli.output import seconds
 from config import WorkerSettings
 from config.retention import bytes_held
 from worker.state.connection import text
-from worker.state.counters import parse_field
+from worker.state.counters import Metrics, parse_field
 
 SAMPLE_KEY = "doctor:finished-sample"  # after the key prefix: "<redis time> <orders finished>"
 MIN_WINDOW_S = 60.0
@@ -30,7 +30,7 @@ HEADROOM = 0.8  # the rest of maxmemory is for queues, in-flight tasks, dead let
 
 def finished_orders(client: redis.Redis, prefix: str) -> int:
     total = 0
-    for raw, value in client.hgetall(f"{prefix}metrics").items():
+    for raw, value in client.hgetall(Metrics(client, prefix).key).items():
         name, labels = parse_field(text(raw))
         if name == "mipos_attempts_total" and labels.get("outcome") in ("accepted", "denied"):
             total += int(float(value))

@@ -29,7 +29,7 @@ numbers when it is built, from the same settings, in every process.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union, cast
 
 if TYPE_CHECKING:
     from config.settings import DeliverySettings, WorkerSettings
@@ -60,11 +60,11 @@ MAX_MARGIN_S = 30.0
 # What the default visibility timeout adds on top of hop + attempt bound (>= MAX_MARGIN_S).
 VISIBILITY_SLACK_S = 30.0
 
-AnySettings = "WorkerSettings | DeliverySettings"
+AnySettings = Union["WorkerSettings", "DeliverySettings"]
 
 
 def _numbers(settings: AnySettings) -> DeliverySettings:
-    return getattr(settings, "delivery", settings)  # a WorkerSettings holds its DeliverySettings
+    return cast("DeliverySettings", getattr(settings, "delivery", settings))  # a WorkerSettings holds one
 
 
 def call_bound_for(timeout_s: float) -> float:

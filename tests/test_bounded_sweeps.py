@@ -76,7 +76,7 @@ def sweeper(client: redis.Redis, tasks: Any) -> Any:
     from worker.wiring.rescue import LostMessageSweeper
 
     return LostMessageSweeper(app, InflightRegistry(client, PREFIX), client, QUEUE,
-                              silent_after_s=60, interval_s=1, lock_key=f"{PREFIX}rescue:lock")
+                              silent_after_s=60, interval_s=1)
 
 
 def fill_queue(client: redis.Redis, now: float, stale_queued: int) -> list[str]:

@@ -201,7 +201,7 @@ def test_the_sweeper_rescues_only_what_is_neither_queued_nor_reserved(
     redis_server.client.flushall()
     registry = InflightRegistry(redis_server.client, "mipos:")
     sweeper = LostMessageSweeper(app, registry, redis_server.client, "mipos",
-                                 silent_after_s=30, interval_s=1, lock_key="mipos:rescue:lock")
+                                 silent_after_s=30, interval_s=1)
     order_id = new_order_id()
     enqueue(tasks, order_id)
     [(task_id, entry, _)] = registry.stale(-10)

@@ -19,7 +19,7 @@ from bench.sentinel import SentinelCluster
 from config import SettingsError, load_producer_settings, url_without_password
 from support.processes import ROOT, wait_for
 from tests.conftest import write_done
-from worker.order.model import Action, Order
+from worker.order.model import Order
 from worker.state.replication import NotReplicated, ReplicaAck
 
 REDIS_PASSWORD = "redis-pass-for-tests"

@@ -14,6 +14,7 @@ from typing import Any, Literal, cast
 import redis
 
 from worker.order.model import Action, Order
+from worker.order.stamps import stamps_of
 from worker.state.breaker import WAITING_KEY
 from worker.state.deadletters import DeadLetter, DeadLetters
 from worker.state.inflight import InflightEntry, InflightRegistry
@@ -83,9 +84,9 @@ def _task_status(task_id: str, entry: InflightEntry | None, ledger: OrderLedger,
         message, due = entry
         kwargs = message.get("kwargs", {})
         action = str(message.get("task", "")).removeprefix("mipos.").removesuffix("_order") or None
-        not_before = kwargs.get("not_before")
-        next_at = max(due or 0.0, not_before if isinstance(not_before, (int, float)) else 0.0) or None
-        replay_of = kwargs.get("replay_of")
+        stamps = stamps_of(kwargs if isinstance(kwargs, dict) else {})  # the message's own, under _mipos
+        next_at = max(due or 0.0, stamps.not_before or 0.0) or None
+        replay_of = stamps.replay_of
     elif letter is not None:
         action, replay_of = letter.action, letter.replay_of
     elif done is not None and done.task_id == task_id:

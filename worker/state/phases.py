@@ -153,7 +153,7 @@ class AttemptPhases:
                       if order is not None else ["", "", ""])
         keys = [self.inflight.heartbeats_key, ledger.sending_key(task_id), ledger.history_key(task_id),
                 *order_keys, breaker.state_key, breaker.rate_key, token_key]
-        args = [task_id, lock_id, max(1, int(lock_ttl_s * 1000)), int(take_lock and order is not None),
+        args: list[Any] = [task_id, lock_id, max(1, int(lock_ttl_s * 1000)), int(take_lock and order is not None),
                 int(held), int(resend), action.value, breaker.settings.rate_limit_per_s, uuid.uuid4().hex,
                 _seconds(ledger.retention.history_s), int(breaker.settings.enabled)]
         if ledger.ack.enabled and take_lock:  # a sending mark must be on the replicas before we send
@@ -195,7 +195,7 @@ class AttemptPhases:
                 ledger.lock_key(order) if order is not None else "", self.inflight.entries_key,
                 self.inflight.heartbeats_key, breaker.successes_key, breaker.state_key, breaker.failures_key]
         success = breaker_success and breaker.settings.enabled
-        args = [task_id, lock_id or "", _seconds(ledger.retention.history_s), int(clear_sending), int(final),
+        args: list[Any] = [task_id, lock_id or "", _seconds(ledger.retention.history_s), int(clear_sending), int(final),
                 int(success), breaker.settings.window_s, uuid.uuid4().hex, time.time(),
                 _seconds(ledger.retention.done_s), done.compact_json() if done else "",
                 *(json.dumps(record) for record in records)]

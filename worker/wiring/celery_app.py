@@ -158,7 +158,6 @@ def _start_rescue(**_: Any) -> None:
         queue=QUEUE,
         silent_after_s=delivery.rescue_after_s(settings),
         interval_s=max(1.0, delivery.restore_interval_s(settings)),
-        lock_key=f"{settings.redis.key_prefix}rescue:lock",
     )
     _sweeper.start()
 

@@ -71,14 +71,14 @@ def _published_at(raw_entry: Any) -> float | None:
 
 class LostMessageSweeper:
     def __init__(self, app: Celery, registry: InflightRegistry, redis_client: redis.Redis,
-                 queue: str, silent_after_s: float, interval_s: float, lock_key: str) -> None:
+                 queue: str, silent_after_s: float, interval_s: float) -> None:
         self.app = app
         self.registry = registry
         self.redis = redis_client
         self.queue = queue
         self.silent_after_s = silent_after_s
         self.interval_s = interval_s
-        self.lock_key = lock_key
+        self.lock_key = f"{registry.prefix}rescue:lock"  # one sweeper at a time, across processes
         self.stopped = threading.Event()
 
     def _queue_keys(self) -> list[str]:
