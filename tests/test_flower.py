@@ -122,7 +122,7 @@ def test_basic_auth(redis_server: RedisServer, start_flower: StartFlower) -> Non
     assert flower.get("/tasks", auth=("viewer", other_password))[0] == 200
     # The password is on no command line (ps) and in no log line.
     cmdline = Path(f"/proc/{flower.proc.pid}/cmdline").read_bytes().decode(errors="replace")
-    assert PASSWORD not in cmdline and "worker.ops.flower" in cmdline
+    assert PASSWORD not in cmdline and "worker.flower" in cmdline
     log = flower.log_path.read_text(errors="replace")
     assert "Visit me at" in log
     assert PASSWORD not in log and other_password not in log

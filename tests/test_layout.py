@@ -1,0 +1,100 @@
+"""The layout's rules, checked on the source: no import circle, each room of worker/ imports
+only from the rooms below it, and importing a module builds no Celery app."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from support.processes import ROOT
+
+PACKAGES = ("config", "worker", "tasks", "cli")
+# Lowest first: a room may import from the rooms before it, never after.
+ROOMS = ("order", "logs", "state", "mipos", "attempt", "wiring", "ops")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            found[name] = path
+    return found
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules ``path`` imports, anywhere in it (type-checking-only imports aside)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    targets = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                     for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                targets.add(name)
+    return targets
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(path, known) - {name} for name, path in known.items()}
+
+
+def test_no_import_circle() -> None:
+    edges = graph()
+    state: dict[str, int] = {}  # 1 on the path, 2 done
+    circles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(edges[node]):
+            if state.get(target) == 1:
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert circles == []
+
+
+def test_each_room_imports_only_from_rooms_below_it() -> None:
+    wrong = []
+    for source, targets in graph().items():
+        parts = source.split(".")
+        if parts[0] != "worker" or len(parts) < 3:
+            continue
+        for target in targets:
+            if target == "worker":
+                wrong.append((source, target))  # the package above
+            elif target.startswith("worker.") and target.count(".") >= 2:
+                if ROOMS.index(target.split(".")[1]) > ROOMS.index(parts[1]):
+                    wrong.append((source, target))
+            elif target.startswith("worker."):
+                wrong.append((source, target))  # a module beside the rooms
+    assert wrong == []
+
+
+def test_importing_any_module_builds_no_celery_app() -> None:
+    names = sorted(n for n in modules() if n.startswith(("worker", "config")) and n != "worker.wiring.celery_app")
+    script = ("import importlib, sys\n"
+              f"for name in {names!r}:\n"
+              "    importlib.import_module(name)\n"
+              "print('worker.wiring.celery_app' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
