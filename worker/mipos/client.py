@@ -171,31 +171,15 @@ class MiposClient:
 
     def request_token(self) -> TokenGrant:
         s = self.settings
-        answer = self._post(
-            TOKEN_PATH,
-            {
-                "client_id": s.client_id,
-                "client_secret": s.client_secret,
-                "grant_type": "client_credentials",
-                "email": s.email,
-                "password": s.password,
-            },
-        )
-        return _grant_from(answer, "token call")
+        body = {**self._client(), "grant_type": "client_credentials", "email": s.email, "password": s.password}
+        return _grant_from(self._post(TOKEN_PATH, body), "token call")
 
     def refresh_token(self, token: str) -> TokenGrant:
-        s = self.settings
-        answer = self._post(
-            REFRESH_PATH,
-            {
-                "client_id": s.client_id,
-                "client_secret": s.client_secret,
-                "grant_type": "refresh_token",
-                "refresh_token": token,
-            },
-            token=token,
-        )
-        return _grant_from(answer, "token refresh")
+        body = {**self._client(), "grant_type": "refresh_token", "refresh_token": token}
+        return _grant_from(self._post(REFRESH_PATH, body, token=token), "token refresh")
+
+    def _client(self) -> dict[str, str]:
+        return {"client_id": self.settings.client_id, "client_secret": self.settings.client_secret}
 
 
 def _grant_from(answer: Answer, call: str) -> TokenGrant:
