@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from config.redis_url import (
@@ -171,9 +171,11 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = env
         self.problems: list[str] = []
+        self.seen: dict[str, str | None] = {}  # every name read, and its value then
 
     def raw(self, name: str, default: str | None) -> str | None:
         value = self.env.get(name)
+        self.seen[name] = value
         if value is None or value.strip() == "":
             return default
         return value.strip()
@@ -381,11 +383,24 @@ def _read_secret(reader: _Reader, name: str) -> str:
     return value
 
 
+_loaded: dict[Callable[..., Any], tuple[dict[str, str | None], Any]] = {}
+
+
 def _load(read: Callable[[_Reader], T], env: Mapping[str, str] | None) -> T:
-    """Read one group of settings, raising once with every problem found."""
+    """Read one group of settings, raising once with every problem found.
+
+    From the process's environment, the last result is kept while every variable it
+    read is unchanged: ``delay()`` reads the Redis settings at every call, and parsing
+    them cost more than the comparison."""
+    if env is None and (kept := _loaded.get(read)) is not None:
+        seen, settings = kept
+        if all(os.environ.get(name) == value for name, value in seen.items()):
+            return cast(T, settings)
     reader = _Reader(os.environ if env is None else env)
     settings = read(reader)
     reader.check()
+    if env is None:
+        _loaded[read] = (reader.seen, settings)
     return settings
 
 

@@ -11,7 +11,7 @@ are ignored by the worker (and logged), and ``delay()`` refuses both.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 STAMPS_KEY = "_mipos"
@@ -29,10 +29,14 @@ class Stamps:
     replay_of: str | None = None  # an operator replayed this dead letter (worker/ops/replay.py)
 
     def to_message(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, False)}
+        values = ((name, getattr(self, name)) for name in _STAMP_NAMES)
+        return {name: value for name, value in values if value is not None and value is not False}
 
     def but(self, **changes: Any) -> Stamps:
         return replace(self, **changes)
+
+
+_STAMP_NAMES = tuple(f.name for f in fields(Stamps))
 
 
 def _time(value: Any) -> float | None:

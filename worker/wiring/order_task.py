@@ -22,7 +22,7 @@ import redis
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from config import RedisSettings, load_producer_settings
+from config import RedisSettings, load_producer_settings, load_retention_settings
 from worker.order.model import Action, OrderRequest, named_arguments, parse_order_request
 from worker.order.request_check import check_request
 from worker.order.stamps import STAMPS_KEY, Stamps, split_message
@@ -107,13 +107,18 @@ class OrderTask(Task):
         enqueue time on Redis's clock."""
         countdown = options.get("countdown")
         try:
-            registry = InflightRegistry(client, settings.key_prefix)
+            registry = _registry(client, settings.key_prefix, load_retention_settings().history_s)
             return registry.register(
                 options["task_id"], self.name, {**request.body(), STAMPS_KEY: stamps.to_message()},
                 countdown=float(countdown) if countdown else None,
                 enqueued_at=stamps.enqueued_at, age_s=age_s)
         except redis.RedisError as exc:
             raise OperationalError(f"cannot reach Redis to enqueue {self.name}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=16)
+def _registry(client: redis.Redis, key_prefix: str, index_ttl_s: float) -> InflightRegistry:
+    return InflightRegistry(client, key_prefix, index_ttl_s)
 
 
 def publish_order(action: Action, arguments: dict[str, Any], stamps: Stamps, *,
