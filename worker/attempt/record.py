@@ -7,7 +7,7 @@ earlier attempts whose outcome is unknown, and a dead letter's attempts.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -25,7 +25,10 @@ class AttemptRecord:
     outcome_unknown: bool = False  # the request may have reached mipos; no answer came
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _NAMES}
+
+
+_NAMES = tuple(f.name for f in fields(AttemptRecord))
 
 
 class History:

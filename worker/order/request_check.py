@@ -13,7 +13,8 @@ from worker.order.stamps import PRIVATE_KEYS
 
 
 def check_request(action: Action, arguments: dict[str, Any]) -> OrderRequest:
-    """What ``OrderTask.apply_async`` checks for a caller (worker/wiring/order_task.py): ``ValueError`` naming the field."""
+    """What ``OrderTask.apply_async`` checks for a caller (worker/wiring/order_task.py):
+    ``ValueError`` naming the field."""
     for key in PRIVATE_KEYS:
         if key in arguments:
             raise InvalidOrder(key, "is set by mipos-worker itself; a caller may not pass it")

@@ -55,11 +55,9 @@ class LedgerEntry:
         """The stored form: no field the key already holds (the store and order ids), no
         null field, the time to the millisecond; ``LedgerEntry(**json.loads(...))`` reads
         it as it reads the records of earlier versions, which carried every field."""
-        fields = asdict(self)
-        fields.pop("store_id")
-        fields.pop("order_external_id")
-        fields["at"] = round(self.at, 3)
-        return json.dumps({k: v for k, v in fields.items() if v is not None}, separators=(",", ":"))
+        kept = {"action": self.action, "task_id": self.task_id, "at": round(self.at, 3),
+                "delivery_id": self.delivery_id, "message": self.message, "confirmed_by": self.confirmed_by}
+        return json.dumps({k: v for k, v in kept.items() if v is not None}, separators=(",", ":"))
 
 
 def read_entry(raw: bytes | str, order: Order) -> LedgerEntry:
