@@ -857,6 +857,8 @@ def test_list_unreadable_after_the_same_action_sends_again(world: World) -> None
     assert len(world.client.sent) == 1
     assert world.ledger.named("clear_uncertain") == []  # the done record ends it
     assert (run.line["outcome"], run.line["previous_outcome"]) == ("accepted", "unknown")
+    # the earlier accept (another task's) may have landed too: the README promises the flag
+    assert run.line["possible_duplicate"] is True and run.line["unknown_task_id"] == OTHER_TASK
 
 
 def test_list_unreadable_after_the_other_action_comes_back_counted(world: World) -> None:
@@ -886,6 +888,7 @@ def test_list_off_after_the_same_action_sends_again() -> None:
     assert run.ending == Finished()
     assert world.client.pending_calls == [] and len(world.client.sent) == 1
     assert (run.line["outcome"], run.line["previous_outcome"]) == ("accepted", "unknown")
+    assert run.line["possible_duplicate"] is True
 
 
 def test_list_off_after_the_other_action_is_refused() -> None:
@@ -921,6 +924,7 @@ def test_too_old_for_the_list_sends_the_same_action_again(world: World) -> None:
 
     assert run.ending == Finished() and len(world.client.sent) == 1
     assert "confirmed_by" not in run.line and run.line["previous_outcome"] == "unknown"
+    assert run.line["possible_duplicate"] is True
 
 
 def test_still_listed_the_other_action_waits_for_the_slow_request_uncounted(world: World) -> None:

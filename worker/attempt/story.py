@@ -126,6 +126,7 @@ class Delivery:
         self.breaker_heard = False  # an answer came: tells the breaker mipos is up
         self.closed = False  # the end's round trip was made
         self.dead_letter: DeadLettered | None = None
+        self.maybe_landed: Uncertain | None = None  # sent again although that one may have landed
 
     # -- the story ---------------------------------------------------------------
 
@@ -272,6 +273,8 @@ class Delivery:
             case SettleStep.SEND:
                 if listed:
                     self.s.ledger.clear_uncertain(order)  # still pending: it did not land
+                else:
+                    self.maybe_landed = uncertain  # nobody could tell: a success may be a duplicate
                 return None
             case SettleStep.RETRY_LIST_FAILED:
                 assert problem is not None
@@ -486,6 +489,9 @@ class Delivery:
     def _duplicate_warning(self) -> dict[str, Any]:
         """On success: an earlier attempt may have been applied too (read timeout, worker lost)."""
         unknown = self.history.unknown_attempts()
+        if self.maybe_landed is not None and self.maybe_landed.task_id != self.task_id:
+            return {"possible_duplicate": True, "unknown_attempts": unknown,
+                    "unknown_task_id": self.maybe_landed.task_id}
         return {"possible_duplicate": True, "unknown_attempts": unknown} if unknown else {}
 
     def _count(self, outcome: str, error_class: str | None) -> None:
