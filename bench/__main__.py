@@ -35,6 +35,7 @@ from bench.report import Goal, Row, table
 from bench.round_trips import ORDERS as ROUND_TRIP_ORDERS
 from bench.round_trips import count_round_trips
 from bench.runs import Bench, RunResult
+from bench.scaling import PROCESS_COUNTS, SMOKE_PROCESS_COUNTS, measure_scaling, scaling_rows
 from bench.systems import OURS, STOCK
 
 
@@ -120,6 +121,16 @@ class Plan:
             name: {kind: {"keys_per_order": round(keys / (orders + 1), 3),
                           "bytes_per_order": round(size / (orders + 1), 1), "ttl_days": None if ttl < 0 else round(ttl / 86400, 2)}
                    for kind, (keys, size, ttl) in runs[name][-1].memory.items()} for name in ("ours", "stock")}
+
+    def scaling(self, latency_ms: float, pool: str, concurrency: int, process_counts: tuple[int, ...],
+                orders_per_process: int, repeats: int) -> None:
+        """Rows at each number of worker processes; the orders of a run grow with it."""
+        for processes in process_counts:
+            found = measure_scaling(self.bench, self.say, latency_ms, pool, concurrency, processes,
+                                    orders_per_process * processes, repeats)
+            for run in found.ours + found.stock:
+                self._note_server(run)
+            self.rows += scaling_rows(found, latency_ms, pool, concurrency)
 
     def enqueue(self, calls: int, repeats: int) -> None:
         cpu: dict[str, list[float]] = {"ours": [], "stock": []}
@@ -237,6 +248,9 @@ def run(options: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             if options.prefork:
                 plan.throughput(50, "prefork", 8, options.prefork_orders, repeats, cost_rows=False,
                                 key="pool_prefork_8_50ms")
+        if options.scaling:
+            plan.scaling(50, pool, concurrency, SMOKE_PROCESS_COUNTS if smoke else PROCESS_COUNTS,
+                         40 if smoke else options.scaling_orders, repeats)
         plan.enqueue(200 if smoke else options.enqueue_calls, repeats)
         rate, seconds = (20.0, 1.0) if smoke else (100.0, options.latency_seconds)
         plan.queue_latency(rate, seconds, pool, concurrency, repeats)
@@ -258,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefork", action=argparse.BooleanOptionalAction, default=True,
                         help="also the prefork x8 row at 50 ms")
     parser.add_argument("--prefork-orders", type=int, default=1000)
+    parser.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=True,
+                        help="also the scaling rows: 1, 2 and 4 worker processes at 50 ms (--smoke: 1 and 2)")
+    parser.add_argument("--scaling-orders", type=int, default=1000,
+                        help="orders in a scaling run, per worker process")
     parser.add_argument("--enqueue-calls", type=int, default=3000)
     parser.add_argument("--latency-seconds", type=float, default=10.0,
                         help="length of a queue-latency run at 100 orders/s")

@@ -53,6 +53,7 @@ class RunResult:
     rss_mb: float = 0.0
     server_cpu_s: float = 0.0
     requests: int = 0
+    redis_core_share: float = 0.0  # Redis's CPU seconds / wall seconds, queue released → last answer
 
     def per_order(self, orders: int) -> tuple[float, float]:
         """(Redis commands, bytes held beyond an hour) per order."""
@@ -129,7 +130,9 @@ class Bench:
     # -- throughput, CPU, Redis -------------------------------------------------------
 
     def system_run(self, system: System, latency_ms: float, pool: str, concurrency: int,
-                   orders: int) -> RunResult:
+                   orders: int, processes: int = 1) -> RunResult:
+        """``processes`` workers, each its own process group, their CPU summed; one warm-up
+        order each (Redis hands blocked BRPOPs messages first come, first served)."""
         client = self.redis.client
         self.fresh(self.fast, latency_ms)
         client.config_resetstat()
@@ -137,23 +140,24 @@ class Bench:
         self.send(system, orders)
         produced = measure.commandstats(client)
         client.rename(system.queue, HELD_KEY)
-        self.start(system, self.fast, pool, concurrency)
-        self.send(system, 1)  # warm: the token, the first connections
-        self.wait_accepted(self.fast, 1, timeout=60, interval=0.1)
+        self.start(system, self.fast, pool, concurrency, processes)
+        self.send(system, processes)  # warm: the token, the first connections
+        self.wait_accepted(self.fast, processes, timeout=60, interval=0.1)
         server_pid = {self.fast.proc.pid}
 
         before_cpu, before_machine = measure.group_cpu_s(self._pgids()), MachineCpu.read()
         before_redis, before_server = measure.redis_cpu_s(client), measure.group_cpu_s(server_pid)
         before_commands = measure.commandstats(client)
         client.rename(HELD_KEY, system.queue)
-        self.wait_accepted(self.fast, orders + 1, timeout=120 + orders * (latency_ms / 1000 + 0.05))
+        released = time.time()
+        self.wait_accepted(self.fast, orders + processes, timeout=120 + orders * (latency_ms / 1000 + 0.05))
         after_machine, after_cpu = MachineCpu.read(), measure.group_cpu_s(self._pgids())
         after_redis, after_server = measure.redis_cpu_s(client), measure.group_cpu_s(server_pid)
         after_commands = measure.commandstats(client)
 
         rss = measure.peak_rss_mb(self._pgids())
         self.stop_workers()
-        times = sorted(self.accept_times(self.fast).values())[1:]  # the warm-up order first
+        times = sorted(self.accept_times(self.fast).values())[processes:]  # the warm-up orders first
         commands = measure.commands_between({}, produced)
         for name, count in measure.commands_between(before_commands, after_commands).items():
             commands[name] = commands.get(name, 0) + count
@@ -165,6 +169,8 @@ class Bench:
             commands=commands, redis_cpu_ms=(after_redis - before_redis) * 1000 / orders,
             memory=memory,
             rss_mb=rss, server_cpu_s=after_server - before_server, requests=orders,
+            # the last answer left latency_ms after its request arrived; the poll's lag left out
+            redis_core_share=(after_redis - before_redis) / (times[-1] + latency_ms / 1000 - released),
         )
 
     def bare_run(self, latency_ms: float, concurrency: int, orders: int) -> RunResult:
