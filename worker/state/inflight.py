@@ -5,7 +5,8 @@ unacknowledged (a second command). A worker killed, or a Redis restarted,
 between the two loses the message for good (seen in the chaos run; see
 kombu#1733 for a cousin). So the producer registers each task here before
 publishing it; the worker refreshes the entry's heartbeat at every delivery
-and removes it once the order is final. A sweeper (``worker/wiring/rescue.py``)
+and removes it once the order is final (both in an attempt's phases,
+``worker/state/phases.py``). A sweeper (``worker/wiring/rescue.py``)
 re-publishes any entry that is stale and is neither queued nor unacknowledged.
 """
 
@@ -21,6 +22,7 @@ from config import load_retention_settings
 from worker.order.model import order_key
 from worker.order.stamps import STAMPS_KEY, stamps_of
 from worker.state.clock import redis_time
+from worker.state.connection import text
 from worker.state.ledger import order_tasks_key
 
 InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; when it is next due
@@ -91,16 +93,6 @@ class InflightRegistry:
             return None
         return _message(raw), (float(due) if due is not None else None)
 
-    def heartbeat(self, task_id: str, now: float) -> None:
-        """``now`` on Redis's clock (``worker.state.clock``), like every score here."""
-        self.redis.zadd(self.heartbeats_key, {task_id: now}, xx=True)
-
-    def forget(self, task_id: str) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.entries_key, task_id)
-        pipe.zrem(self.heartbeats_key, task_id)
-        pipe.execute()
-
     def stale(self, older_than_s: float, limit: int = 1000) -> list[tuple[str, dict[str, Any], float]]:
         """Entries without a sign of life for ``older_than_s``: (task id, entry, last seen)."""
         ceiling = redis_time(self.redis) - older_than_s
@@ -108,7 +100,7 @@ class InflightRegistry:
                                                          start=0, num=limit, withscores=True))
         result = []
         for raw_id, seen in found:
-            task_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            task_id = text(raw_id)
             raw = self.redis.hget(self.entries_key, task_id)
             if raw is None:
                 self.redis.zrem(self.heartbeats_key, task_id)

@@ -20,6 +20,7 @@ import redis
 
 from config import RetentionSettings, configured_retention
 from worker.order.model import Action, Order
+from worker.state.connection import text
 from worker.state.replication import NO_ACK, ReplicaAck
 
 # How long each kind of record stays: settings (config/settings.py), floors in config/retention.py.
@@ -113,12 +114,6 @@ class OrderLedger:
         raw = self.redis.get(self.done_key(order))
         return read_entry(raw, order) if raw else None
 
-    def state(self, order: Order) -> tuple[LedgerEntry | None, Uncertain | None]:
-        """What is known of the order at mipos: done, or possibly done by an unanswered request."""
-        done, uncertain = self.redis.mget(self.done_key(order), self.uncertain_key(order))
-        return (read_entry(done, order) if done else None,
-                Uncertain(**json.loads(uncertain)) if uncertain else None)
-
     @staticmethod
     def entry(order: Order, action: Action, task_id: str, message: str | None = None,
               *, confirmed_by: str | None = None) -> LedgerEntry:
@@ -158,7 +153,7 @@ class OrderLedger:
     def tasks_for(self, order: Order) -> list[str]:
         """Oldest first."""
         ids = self.redis.zrange(order_tasks_key(self.prefix, order.key), 0, -1)
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        return [text(i) for i in ids]
 
     def sending_key(self, task_id: str) -> str:
         return f"{self.prefix}sending:{task_id}"
@@ -176,8 +171,3 @@ class OrderLedger:
 
     def clear_sending(self, task_id: str) -> None:
         self.redis.delete(self.sending_key(task_id))
-
-    def interrupted_attempt(self, task_id: str) -> int | None:
-        """The attempt a crashed worker had in flight for this task, if any."""
-        raw = self.redis.get(self.sending_key(task_id))
-        return int(raw) if raw is not None else None
