@@ -11,8 +11,9 @@ from support.processes import ROOT
 
 # Rows compared with the stock Celery app (bench/stock_celery.py) run in the same invocation.
 STOCK_ROWS = ("throughput_0ms_vs_stock", "cpu_ms_per_acceptance", "redis_commands_per_acceptance",
-              "redis_cpu_ms_per_acceptance", "peak_rss_mb", "enqueue_cpu_ms", "enqueue_p99_ms",
-              "queue_latency_p99_ms")
+              "redis_round_trips_per_acceptance", "redis_cpu_ms_per_acceptance", "peak_rss_mb",
+              "enqueue_cpu_ms", "enqueue_p99_ms", "queue_latency_p99_ms", "scaling_1_processes_50ms",
+              "scaling_2_processes_50ms")
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
@@ -36,4 +37,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert rows["redis_bytes_per_order"]["ours"] > 0
     assert rows["redis_bytes_per_order"]["baseline"] == 0
     assert rows["_details"]["commands_per_acceptance"]["stock"]["lpush"] == 1
+    # Round trips: a script call counts once, so ours are Celery's own plus our three scripts.
+    assert rows["_details"]["round_trips_per_acceptance"]["stock"]["lpush"] == 1
+    assert rows["redis_round_trips_per_acceptance"]["ours"] < rows["redis_commands_per_acceptance"]["ours"]
     assert "| measure | ours | baseline | ratio (median [min–max]) | goal | machine idle, min (median) |" in proc.stdout
