@@ -16,7 +16,6 @@ new master. Exits non-zero if an order is lost or wrongly dead-lettered.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -26,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.chaos import (
@@ -36,6 +35,7 @@ from bench.chaos import (
     TOKEN_TTL_S,
     WORKER_ENV,
     ChaosResult,
+    report,
     tally,
 )
 from bench.sentinel import SentinelCluster
@@ -269,12 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.orders < 1 or options.workers < 1:
         parser.error("--orders and --workers must be at least 1")
-    result = run(options)
-    print(table(result))
-    if options.json:
-        options.json.write_text(json.dumps(asdict(result), indent=2))
-    ok = result.lost == 0 and result.wrongly_dead_lettered == 0 and not result.timed_out
-    return 0 if ok else 1
+    return report(run(options), table, options.json)
 
 
 if __name__ == "__main__":

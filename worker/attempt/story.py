@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import redis
 import structlog
@@ -185,7 +185,6 @@ class Delivery:
         if not_before > self.deadline_at:
             return self._fail("deadline", "the next attempt was due after the deadline", ErrorClass.TRANSIENT)
         self._come_back(not_before - self.now)
-        raise AssertionError("unreachable")
 
     def _note_interrupted(self, attempt: int) -> None:
         """A worker died with a request of this task in flight: its outcome is unknown."""
@@ -213,9 +212,10 @@ class Delivery:
             return Finished()
         assert self.request is not None
         past = Action(done.action).done_outcome
-        return self._fail("permanent", f"order {self.request.order.store_id}/{self.request.order.order_external_id} "
-                   f"was already {past} at mipos (task {done.task_id}); it cannot be "
-                   f"{self.action.done_outcome} afterwards", ErrorClass.PERMANENT)
+        order = self.request.order
+        return self._fail("permanent", f"order {order.store_id}/{order.order_external_id} was already {past} at "
+                          f"mipos (task {done.task_id}); it cannot be {self.action.done_outcome} afterwards",
+                          ErrorClass.PERMANENT)
 
     # -- allowed by the breaker and the rate limit ----------------------------------
 
@@ -292,10 +292,11 @@ class Delivery:
                        if not self.settings.confirm_with_pending_list else
                        f"the order is {self.clock() - min(self.enqueued_at, uncertain.enqueued_at):.0f}s old, "
                        "too old for mipos's pending list to tell")
-                return self._fail("permanent", f"not sent: the {other.value} of this order (task {uncertain.task_id}) "
-                           f"may have reached mipos (its answer never came) and {why}; sending the "
-                           f"{self.action.value} too could leave the order both {other.done_outcome} and "
-                           f"{self.action.done_outcome}", ErrorClass.PERMANENT, previous_outcome="unknown")
+                return self._fail("permanent", f"not sent: the {other.value} of this order (task "
+                                  f"{uncertain.task_id}) may have reached mipos (its answer never came) and {why}; "
+                                  f"sending the {self.action.value} too could leave the order both "
+                                  f"{other.done_outcome} and {self.action.done_outcome}", ErrorClass.PERMANENT,
+                                  previous_outcome="unknown")
             case SettleStep.LANDED:  # gone from the list: mipos got the earlier request
                 done = self.s.ledger.entry(order, other, uncertain.task_id, self.request.message if same else None,
                                            confirmed_by="pending_list")
@@ -307,10 +308,10 @@ class Delivery:
                                    confirmed_by="pending_list", previous_outcome="unknown")
                     return Finished()
                 return self._fail("permanent", f"order {order.store_id}/{order.order_external_id} was already "
-                               f"{other.done_outcome} at mipos (task {uncertain.task_id}, whose answer never came; "
-                               f"mipos no longer lists the order); it cannot be {self.action.done_outcome} "
-                               f"afterwards", ErrorClass.PERMANENT, attempt=attempt, confirmed_by="pending_list",
-                               done=done)
+                                  f"{other.done_outcome} at mipos (task {uncertain.task_id}, whose answer never "
+                                  f"came; mipos no longer lists the order); it cannot be "
+                                  f"{self.action.done_outcome} afterwards", ErrorClass.PERMANENT, attempt=attempt,
+                                  confirmed_by="pending_list", done=done)
         raise AssertionError(f"unhandled settle step {step}")
 
     # -- sent and answered ----------------------------------------------------------
@@ -379,7 +380,7 @@ class Delivery:
     # -- the endings ------------------------------------------------------------------
 
     def _come_back_after_failure(self, attempt: int, answer: Answer, verdict: Verdict, counted: bool,
-                                 fields: dict[str, Any]) -> None:
+                                 fields: dict[str, Any]) -> NoReturn:
         """A transient failure: come back after the schedule's delay, or fail (attempts, deadline)."""
         assert verdict.error_class is not None
         decision = retry.decide_retry(
@@ -397,7 +398,7 @@ class Delivery:
         self._come_back(delay, reason=verdict.error)
 
     def _come_back(self, wait_s: float, *, hop: bool = True, held: bool | None = None,
-                   reason: str | None = None) -> None:
+                   reason: str | None = None) -> NoReturn:
         """The one way to come back later: a new message (same task id) after ``wait_s``.
 
         Long waits go in hops short enough for the visibility timeout, each carrying
@@ -446,7 +447,6 @@ class Delivery:
             return back
         except _Ended as ended:
             return ended.ending
-        raise AssertionError("unreachable")
 
     # -- the records, and the end's round trip -------------------------------------------
 

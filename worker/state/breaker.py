@@ -40,21 +40,28 @@ end
 return {0, count}
 """
 
-# A sliding one-second window: grant a slot if fewer than ARGV[3] were granted in
-# the last second (so no second, wherever it starts, sees more than the limit), on
-# Redis's clock: the attempt's start takes its slots with the same script text
-# (worker/state/phases.py).
-_TAKE_SLOT = """
+def rate_slot_lua(key: str, limit: str, member: str) -> str:
+    """The shared rate limit as a Lua fragment, for this module's script and the attempt's
+    start (worker/state/phases.py): with ``now`` (Redis's clock) and ``slot`` (0) defined,
+    sets ``slot`` to 1 if fewer than ``limit`` sends were granted in the last second (a
+    sliding window: no second, wherever it starts, sees more than the limit)."""
+    return f"""
+redis.call('zremrangebyscore', {key}, '-inf', now - 1)
+if redis.call('zcard', {key}) < tonumber({limit}) then
+  redis.call('zadd', {key}, now, {member})
+  redis.call('pexpire', {key}, 2000)
+  slot = 1
+end
+"""
+
+
+_TAKE_SLOT = ("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-redis.call('zremrangebyscore', KEYS[1], '-inf', now - 1)
-if redis.call('zcard', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('zadd', KEYS[1], now, ARGV[2])
-  redis.call('pexpire', KEYS[1], 2000)
-  return 1
-end
-return 0
-"""
+local slot = 0
+""" + rate_slot_lua("KEYS[1]", "ARGV[3]", "ARGV[2]") + """
+return slot
+""")
 
 
 Decision = Literal["send", "probe", "hold"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import Any
@@ -24,6 +25,16 @@ def text(value: bytes | str | Any, errors: str = "strict") -> str:
     Anything that is not bytes (a str from a client that decodes, a number) is passed through ``str``.
     """
     return value.decode(errors=errors) if isinstance(value, bytes) else str(value)
+
+
+def whole_seconds(duration_s: float) -> int:
+    """A duration for ``EX`` / ``EXPIRE``: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(duration_s))
+
+
+def milliseconds(duration_s: float) -> int:
+    """A duration for ``PX`` / ``WAIT``: whole milliseconds, at least 1."""
+    return max(1, int(duration_s * 1000))
 
 
 def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries: int = 3,

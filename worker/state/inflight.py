@@ -13,7 +13,6 @@ re-publishes any entry that is stale and is neither queued nor unacknowledged.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import redis
@@ -22,7 +21,7 @@ from config import load_retention_settings
 from worker.order.model import order_key
 from worker.order.stamps import STAMPS_KEY, stamps_of
 from worker.state.clock import redis_time
-from worker.state.connection import text
+from worker.state.connection import text, whole_seconds
 from worker.state.ledger import order_tasks_key
 
 InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; when it is next due
@@ -72,7 +71,7 @@ class InflightRegistry:
             keys=[self.entries_key, self.heartbeats_key, order_tasks_key(self.prefix, okey)],
             args=[task_id, task_name, json.dumps(kwargs), countdown or 0.0,
                   "" if enqueued_at is None else repr(float(enqueued_at)), max(0.0, age_s),
-                  max(1, math.ceil(self.index_ttl_s))],
+                  whole_seconds(self.index_ttl_s)],
         )
         return float(stamp)
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -20,7 +19,7 @@ import redis
 
 from config import RetentionSettings, configured_retention
 from worker.order.model import Action, Order
-from worker.state.connection import text
+from worker.state.connection import text, whole_seconds
 from worker.state.replication import NO_ACK, ReplicaAck
 
 # How long each kind of record stays: settings (config/settings.py), floors in config/retention.py.
@@ -34,11 +33,7 @@ def order_tasks_key(key_prefix: str, order_key: str) -> str:
 def note_order_task(pipe: Any, key_prefix: str, order_key: str, task_id: str, ttl_s: float) -> None:
     key = order_tasks_key(key_prefix, order_key)
     pipe.zadd(key, {task_id: time.time()}, nx=True)
-    pipe.expire(key, _seconds(ttl_s))
-
-
-def _seconds(ttl_s: float) -> int:
-    return max(1, math.ceil(ttl_s))
+    pipe.expire(key, whole_seconds(ttl_s))
 
 
 @dataclass(frozen=True)
@@ -76,13 +71,6 @@ class Uncertain:
     task_id: str
     at: float
     enqueued_at: float  # of that task: bounds the order's age at mipos from below
-
-
-# The done record, and the end of any "maybe done" mark, in one step.
-_RECORD_DONE = """
-redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('del', KEYS[2])
-"""
 
 
 class OrderLedger:
@@ -123,7 +111,7 @@ class OrderLedger:
     def record_uncertain(self, order: Order, uncertain: Uncertain, ttl_s: float) -> None:
         """Until settled (a 200, the pending list) or ``ttl_s`` passes (the deadline of
         that task: after it mipos has dropped the order anyway)."""
-        self.redis.set(self.uncertain_key(order), json.dumps(asdict(uncertain)), ex=_seconds(ttl_s))
+        self.redis.set(self.uncertain_key(order), json.dumps(asdict(uncertain)), ex=whole_seconds(ttl_s))
 
     def clear_uncertain(self, order: Order) -> None:
         self.redis.delete(self.uncertain_key(order))
@@ -145,7 +133,7 @@ class OrderLedger:
         key = self.history_key(task_id)
         pipe = self.redis.pipeline()
         pipe.rpush(key, json.dumps(record))
-        pipe.expire(key, _seconds(self.retention.history_s))
+        pipe.expire(key, whole_seconds(self.retention.history_s))
         if order is not None:
             note_order_task(pipe, self.prefix, order.key, task_id, self.retention.history_s)
         pipe.execute()
@@ -163,11 +151,11 @@ class OrderLedger:
         failover still counts as unknown (settled through the pending list, flagged)."""
         if self.ack.enabled:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(self.sending_key(task_id), attempt, ex=_seconds(self.retention.history_s))
+            pipe.set(self.sending_key(task_id), attempt, ex=whole_seconds(self.retention.history_s))
             self.ack.queue_wait(pipe)
             self.ack.check(pipe.execute()[-1], f"the sending mark of task {task_id}")
             return
-        self.redis.set(self.sending_key(task_id), attempt, ex=_seconds(self.retention.history_s))
+        self.redis.set(self.sending_key(task_id), attempt, ex=whole_seconds(self.retention.history_s))
 
     def clear_sending(self, task_id: str) -> None:
         self.redis.delete(self.sending_key(task_id))

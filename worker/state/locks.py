@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import redis
 
+from worker.state.connection import milliseconds
+
 # Delete the lock only if it is still ours (it may have expired and been retaken).
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -23,7 +25,7 @@ return 0
 def take_lock(redis_client: redis.Redis, key: str, ttl_s: float) -> str | None:
     """Takes ``key`` for ``ttl_s`` seconds (at least 1 ms) if nobody holds it: the lock's id, or None."""
     lock_id = uuid.uuid4().hex
-    taken = redis_client.set(key, lock_id, nx=True, px=max(1, int(ttl_s * 1000)))
+    taken = redis_client.set(key, lock_id, nx=True, px=milliseconds(ttl_s))
     return lock_id if taken else None
 
 

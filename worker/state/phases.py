@@ -11,7 +11,6 @@ unknown outcome, the breaker open, a held order) keep their own calls.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from typing import Any
 import redis
 
 from worker.order.model import Action, Order
-from worker.state.breaker import CircuitBreaker
+from worker.state.breaker import CircuitBreaker, rate_slot_lua
+from worker.state.connection import milliseconds, whole_seconds
 from worker.state.inflight import InflightRegistry
 from worker.state.ledger import LedgerEntry, OrderLedger, Uncertain, read_entry
 
@@ -54,12 +54,7 @@ if done and ARGV[6] == '1' then
 end
 local slot, marked = 0, 0
 if sendable and not open and ARGV[5] ~= '1' then
-  redis.call('zremrangebyscore', KEYS[8], '-inf', now - 1)
-  if redis.call('zcard', KEYS[8]) < tonumber(ARGV[8]) then
-    redis.call('zadd', KEYS[8], now, ARGV[9])
-    redis.call('pexpire', KEYS[8], 2000)
-    slot = 1
-  end
+""" + rate_slot_lua("KEYS[8]", "ARGV[8]", "ARGV[9]") + """
   local last_unknown = false
   if #history > 0 then
     local ok, record = pcall(cjson.decode, history[#history])
@@ -153,9 +148,9 @@ class AttemptPhases:
                       if order is not None else ["", "", ""])
         keys = [self.inflight.heartbeats_key, ledger.sending_key(task_id), ledger.history_key(task_id),
                 *order_keys, breaker.state_key, breaker.rate_key, token_key]
-        args: list[Any] = [task_id, lock_id, max(1, int(lock_ttl_s * 1000)), int(take_lock and order is not None),
+        args: list[Any] = [task_id, lock_id, milliseconds(lock_ttl_s), int(take_lock and order is not None),
                 int(held), int(resend), action.value, breaker.settings.rate_limit_per_s, uuid.uuid4().hex,
-                _seconds(ledger.retention.history_s), int(breaker.settings.enabled)]
+                whole_seconds(ledger.retention.history_s), int(breaker.settings.enabled)]
         if ledger.ack.enabled and take_lock:  # a sending mark must be on the replicas before we send
             pipe = self.redis.pipeline(transaction=False)
             pipe.eval(_BEGIN, len(keys), *keys, *args)
@@ -195,10 +190,11 @@ class AttemptPhases:
                 ledger.lock_key(order) if order is not None else "", self.inflight.entries_key,
                 self.inflight.heartbeats_key, breaker.successes_key, breaker.state_key, breaker.failures_key]
         success = breaker_success and breaker.settings.enabled
-        args: list[Any] = [task_id, lock_id or "", _seconds(ledger.retention.history_s), int(clear_sending), int(final),
-                int(success), breaker.settings.window_s, uuid.uuid4().hex, time.time(),
-                _seconds(ledger.retention.done_s), done.compact_json() if done else "",
-                *(json.dumps(record) for record in records)]
+        args: list[Any] = [
+            task_id, lock_id or "", whole_seconds(ledger.retention.history_s), int(clear_sending), int(final),
+            int(success), breaker.settings.window_s, uuid.uuid4().hex, time.time(),
+            whole_seconds(ledger.retention.done_s), done.compact_json() if done else "",
+            *(json.dumps(record) for record in records)]
         if ledger.ack.enabled and done is not None:  # the done record on the replicas, or not acknowledged
             pipe = self.redis.pipeline(transaction=False)
             pipe.eval(_FINISH, len(keys), *keys, *args)
@@ -208,7 +204,3 @@ class AttemptPhases:
         else:
             closed = self._finish(keys=keys, args=args)
         return bool(int(closed))
-
-
-def _seconds(ttl_s: float) -> int:
-    return max(1, math.ceil(ttl_s))

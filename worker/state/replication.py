@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from config import RedisSettings
+from worker.state.connection import milliseconds
 
 
 class NotReplicated(redis.RedisError):
@@ -44,7 +45,7 @@ class ReplicaAck:
 
     def queue_wait(self, pipe: Any) -> None:
         """Add the WAIT to ``pipe``, after the writes it guards; its reply comes last."""
-        pipe.execute_command("WAIT", self.replicas, max(1, int(self.timeout_s * 1000)))
+        pipe.execute_command("WAIT", self.replicas, milliseconds(self.timeout_s))
 
     def check(self, acked: Any, what: str) -> None:
         if int(acked) < self.replicas:
