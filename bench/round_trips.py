@@ -153,10 +153,7 @@ def count_round_trips(bench: Bench, system: System, pool: str, concurrency: int,
         counter.count()
         bench.send(system, orders)
         counter.pause()
-        counter.control.rename(system.queue, HELD_KEY)
-        bench.start(system, bench.fast, pool, concurrency)
-        bench.send(system, 1)  # warm: the token, the first connections
-        bench.wait_accepted(bench.fast, 1, timeout=60, interval=0.1)
+        bench.start_parked(system, pool, concurrency, 1, counter.control)
         counter.count()
         counter.control.rename(HELD_KEY, system.queue)
         bench.wait_accepted(bench.fast, orders + 1, timeout=120 + orders * 0.05)

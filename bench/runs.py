@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 
 from bench import measure
@@ -129,6 +130,15 @@ class Bench:
 
     # -- throughput, CPU, Redis -------------------------------------------------------
 
+    def start_parked(self, system: System, pool: str, concurrency: int, processes: int,
+                     client: redis.Redis) -> None:
+        """Park the enqueued orders under another key (renamed on ``client``), start the
+        workers and warm each with one order; the caller renames the queue back to release them."""
+        client.rename(system.queue, HELD_KEY)
+        self.start(system, self.fast, pool, concurrency, processes)
+        self.send(system, processes)  # warm: the token, the first connections
+        self.wait_accepted(self.fast, processes, timeout=60, interval=0.1)
+
     def system_run(self, system: System, latency_ms: float, pool: str, concurrency: int,
                    orders: int, processes: int = 1) -> RunResult:
         """``processes`` workers, each its own process group, their CPU summed; one warm-up
@@ -139,10 +149,7 @@ class Bench:
         memory_before = measure.long_lived_memory(client, HOUR_S)
         self.send(system, orders)
         produced = measure.commandstats(client)
-        client.rename(system.queue, HELD_KEY)
-        self.start(system, self.fast, pool, concurrency, processes)
-        self.send(system, processes)  # warm: the token, the first connections
-        self.wait_accepted(self.fast, processes, timeout=60, interval=0.1)
+        self.start_parked(system, pool, concurrency, processes, client)
         server_pid = {self.fast.proc.pid}
 
         before_cpu, before_machine = measure.group_cpu_s(self._pgids()), MachineCpu.read()
