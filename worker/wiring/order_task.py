@@ -23,7 +23,7 @@ from celery import Task
 from kombu.exceptions import OperationalError
 
 from config import RedisSettings, load_producer_settings, load_retention_settings
-from worker.order.model import Action, OrderRequest, named_arguments, parse_order_request
+from worker.order.model import Action, named_arguments, parse_order_request
 from worker.order.request_check import check_request
 from worker.order.stamps import STAMPS_KEY, Stamps, split_message
 from worker.state.connection import producer_redis
@@ -60,11 +60,12 @@ class OrderTask(Task):
             request = check_request(self.action, arguments)
         age_s = float(options.pop("age_s", 0.0) or 0.0)
         options["task_id"] = options.get("task_id") or str(uuid.uuid4())
-        options["kwargsrepr"] = repr(request.body())  # what Flower shows: the order, not our stamps
+        body = request.body()
+        options["kwargsrepr"] = repr(body)  # what Flower shows: the order, not our stamps
         settings = load_producer_settings()
         client = self._producer_redis(options)
-        enqueued_at = self._register(client, settings, options, request, stamps, age_s)
-        message = {**request.body(), STAMPS_KEY: stamps.but(enqueued_at=enqueued_at).to_message()}
+        enqueued_at = self._register(client, settings, options, body, stamps, age_s)
+        message = {**body, STAMPS_KEY: stamps.but(enqueued_at=enqueued_at).to_message()}
         result = super().apply_async(args=(), kwargs=message, **options)
         self._confirm_replicated(client, settings, options)
         return result
@@ -102,14 +103,14 @@ class OrderTask(Task):
             raise OperationalError(f"{self.name} not confirmed as replicated: {exc}") from exc
 
     def _register(self, client: redis.Redis, settings: RedisSettings, options: dict[str, Any],
-                  request: OrderRequest, stamps: Stamps, age_s: float) -> float:
+                  body: dict[str, str], stamps: Stamps, age_s: float) -> float:
         """Note the task in the in-flight registry before it is published; returns its
         enqueue time on Redis's clock."""
         countdown = options.get("countdown")
         try:
             registry = _registry(client, settings.key_prefix, load_retention_settings().history_s)
             return registry.register(
-                options["task_id"], self.name, {**request.body(), STAMPS_KEY: stamps.to_message()},
+                options["task_id"], self.name, {**body, STAMPS_KEY: stamps.to_message()},
                 countdown=float(countdown) if countdown else None,
                 enqueued_at=stamps.enqueued_at, age_s=age_s)
         except redis.RedisError as exc:
