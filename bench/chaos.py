@@ -123,7 +123,7 @@ class Chaos:
             self.sandbox.control.deliver(STORE_ID, n, order_id)  # the webhook side: now pending
             if order_id in permanent:
                 self.sandbox.control.add_faults(order_id, PERMANENT_FAULT)
-            while True:  # what a POS does when Redis is briefly away (or use tasks.outbox)
+            while True:  # what a POS does when Redis is briefly away (or use mipos_worker.file_outbox)
                 try:
                     with Connection(self.redis.url, transport_options={"socket_timeout": 3}) as conn:
                         accept_order.apply_async(

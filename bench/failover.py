@@ -148,7 +148,7 @@ class FailoverRun:
         failover.rejoined_after_s = round(time.time() - at, 2)
 
     def outcome(self) -> tuple[dict[str, int], dict[str, str]]:
-        from worker.state.connection import redis_from_url
+        from mipos_worker.state.connection import redis_from_url
         from worker.state.deadletters import DeadLetters
 
         accepted = {v["order_external_id"]: v["accepted"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from worker.state.connection import text
+from mipos_worker.state.connection import text
 
 TICK = os.sysconf("SC_CLK_TCK")
 

@@ -80,7 +80,7 @@ ORDERS = sa.Table("orders", sa.MetaData(), sa.Column("external_id", sa.String(64
 
 
 def fresh_database(url: str) -> sa.Engine:
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     engine = sa.create_engine(url)
     sql_outbox.create_tables(engine)
@@ -101,7 +101,7 @@ def timed(count: int, step: Callable[[int], None]) -> list[float]:
 
 
 def pos_costs(engine: sa.Engine, count: int) -> dict[str, list[float]]:
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     def order_only(_n: int) -> None:
         with engine.begin() as conn:
@@ -161,7 +161,7 @@ def latency(bench: Bench, done: dict[str, float]) -> list[float]:
 
 
 def commit_one(engine: sa.Engine) -> tuple[str, float]:
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     order_id = str(uuid.uuid4())
     with engine.begin() as conn:
@@ -171,7 +171,7 @@ def commit_one(engine: sa.Engine) -> tuple[str, float]:
 
 
 def run(options: argparse.Namespace) -> list[tuple[str, float, float]]:
-    from tasks.sql_outbox import start_relay_thread
+    from mipos_worker.sql_outbox import start_relay_thread
     from worker.wiring.celery_app import app
 
     rows: list[tuple[str, float, float]] = []

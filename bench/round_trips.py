@@ -33,7 +33,7 @@ import redis
 
 from bench.runs import HELD_KEY, Bench
 from bench.systems import System
-from worker.state.connection import text
+from mipos_worker.state.connection import text
 
 ORDERS = 300  # orders in a counting run (the smoke run passes its own)
 MARKER = "bench:round-trips:"

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from support.processes import free_port, stop_process, wait_for
-from worker.state.connection import text
+from mipos_worker.state.connection import text
 
 MASTER_NAME = "mymaster"
 DOWN_AFTER_MS = 1000

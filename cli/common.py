@@ -7,15 +7,18 @@ from collections.abc import Callable
 
 import redis
 
-from cli.output import parse_duration, parse_since
+from cli.output import parse_since
+from mipos_worker.terminal import EXIT_FAILED as EXIT_FAILED
+from mipos_worker.terminal import EXIT_OK as EXIT_OK
+from mipos_worker.terminal import EXIT_USAGE as EXIT_USAGE
+from mipos_worker.terminal import duration_argument as duration_argument
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEAD_REASONS = ("permanent", "attempts", "deadline", "invalid")
 
 
 def open_redis() -> tuple[redis.Redis, str]:
     from config import load_producer_settings
-    from worker.state.connection import redis_from_url
+    from mipos_worker.state.connection import redis_from_url
 
     settings = load_producer_settings()
     return redis_from_url(settings.url, timeout_s=3.0, retries=0), settings.key_prefix
@@ -33,13 +36,6 @@ def id_argument(kind: str) -> Callable[[str], str]:
                 "no spaces)")
         return value
     return parse
-
-
-def duration_argument(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def since_argument(text: str) -> float:

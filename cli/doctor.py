@@ -27,10 +27,10 @@ from config import (
     url_without_password,
 )
 from config.timing import QUEUE
+from mipos_worker.order.model import order_key
+from mipos_worker.order.stamps import stamps_of
 from worker.mipos.errors import MiposError
 from worker.ops.metrics import read_gauges
-from worker.order.model import order_key
-from worker.order.stamps import stamps_of
 
 Status = Literal["ok", "warn", "fail", "skipped"]
 
@@ -106,7 +106,7 @@ def _memory_check(client: redis.Redis, settings: WorkerSettings | None) -> Check
 
 
 def _redis_check(settings: RedisSettings, checks: list[Check]) -> redis.Redis | None:
-    from worker.state.connection import redis_from_url
+    from mipos_worker.state.connection import redis_from_url
 
     where = url_without_password(settings.url)
     client = redis_from_url(settings.url, timeout_s=3.0, retries=0)
@@ -258,7 +258,7 @@ def _queue_checks(client: redis.Redis, gauges: dict[str, float], max_wait_s: flo
     if oldest is None:
         checks.append(Check("oldest waiting", "ok", "nothing waiting"))
         return checks
-    seconds_now, micros = client.time()  # the stamps are on Redis's clock (worker/state/clock.py)
+    seconds_now, micros = client.time()  # the stamps are on Redis's clock (mipos_worker/state/clock.py)
     age, order = _message_age(oldest if isinstance(oldest, bytes) else str(oldest).encode(),
                               now=float(seconds_now) + float(micros) / 1e6)
     if age is None:

@@ -26,8 +26,8 @@ from cli.common import (
 )
 from cli.dead import cmd_dead_list, cmd_dead_purge, cmd_dead_replay, cmd_dead_show
 from cli.orders import cmd_enqueue, cmd_order, cmd_pending
-from cli.outbox import add_outbox_commands
 from cli.output import CliError, emit_json, table
+from mipos_worker.command import add_outbox_commands
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -209,7 +209,7 @@ def _redis_where() -> str:
     import os
 
     from config import url_without_password
-    from config.settings import DEFAULT_REDIS_URL
+    from mipos_worker.settings import DEFAULT_REDIS_URL
 
     return url_without_password(os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL)
 

@@ -19,7 +19,7 @@ import redis
 from cli.output import seconds
 from config import WorkerSettings
 from config.retention import bytes_held
-from worker.state.connection import text
+from mipos_worker.state.connection import text
 from worker.state.counters import Metrics, parse_field
 
 SAMPLE_KEY = "doctor:finished-sample"  # after the key prefix: "<redis time> <orders finished>"

@@ -1,26 +1,31 @@
-from config.redis_url import SentinelTarget, is_sentinel_url, parse_sentinel_url
+"""The worker's settings. The POS side's (Redis) are defined in ``mipos_worker.settings``
+and re-exported here, so the worker reads every setting from one place."""
+
 from config.settings import (
-    FALSE_WORDS,
     MIN_SECRET_LENGTH,
     SECRET_NAMES,
-    TRUE_WORDS,
     DeliverySettings,
     MiposSettings,
     ReconcileSettings,
-    RedisSettings,
-    RetentionSettings,
     RetrySettings,
-    SettingsError,
     WorkerSettings,
     broker_settings_problems,
     configured_retention,
-    is_loopback_host,
     load_checked_worker_settings,
     load_delivery_settings,
-    load_producer_settings,
     load_reconcile_settings,
-    load_retention_settings,
     load_worker_settings,
+)
+from mipos_worker.redis_url import SentinelTarget, is_sentinel_url, parse_sentinel_url
+from mipos_worker.settings import (
+    FALSE_WORDS,
+    TRUE_WORDS,
+    RedisSettings,
+    RetentionSettings,
+    SettingsError,
+    is_loopback_host,
+    load_producer_settings,
+    load_retention_settings,
     parse_boolean,
     ssl_cert_reqs,
     url_without_password,

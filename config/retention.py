@@ -25,7 +25,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from config.timing import attempt_bound_s, attempt_margin_s, rescue_after_s, visibility_timeout_s
+from config.timing import (
+    attempt_bound_s,
+    attempt_margin_s,
+    rescue_after_s,
+    visibility_timeout_s,
+)
 
 if TYPE_CHECKING:
     from config.settings import WorkerSettings

@@ -31,10 +31,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Union, cast
 
+from mipos_worker.names import QUEUE as QUEUE  # the queue's name is the POS side's
+
 if TYPE_CHECKING:
     from config.settings import DeliverySettings, WorkerSettings
-
-QUEUE = "mipos"  # the one queue order tasks travel on
 
 # A countdown longer than the visibility timeout gets the message delivered
 # twice (kombu#337). Long waits are therefore cut into hops of at most this

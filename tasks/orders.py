@@ -1,49 +1,33 @@
-"""The accept and deny tasks: what the POS enqueues (``from tasks import accept_order``).
+"""The accept and deny tasks in a worker: the POS-side tasks (``mipos_worker``) given their delivery.
 
-The POS's side of a call is ``worker/wiring/order_task.py`` (arguments checked,
-the task registered, then published); the worker's side is the story of one
-delivery, ``worker/attempt/story.py``. This module joins them to Celery.
+The tasks themselves, their names and their checks are the POS side's
+(``mipos_worker/order_tasks.py``); this module, which the worker imports
+(``include``), hands them the story of one delivery (``worker/attempt/story.py``)
+and turns its ending into Celery's terms.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import redis
 from celery.exceptions import Reject
 
+from mipos_worker.order.errors import OrderFailed
+from mipos_worker.order.model import Action
+from mipos_worker.order_tasks import (
+    OrderTask,
+    accept_order,
+    deliver_with,
+    deny_order,
+    internal_publish,
+    publish_order,
+)
 from worker.attempt.story import ComeBack, DeadLettered, Delivery
 from worker.mipos.errors import TransientError
-from worker.order.errors import OrderFailed
-from worker.order.model import ORDER_FIELDS, Action
-from worker.wiring.celery_app import app
-from worker.wiring.order_task import TASK_NAMES, OrderTask, internal_publish, publish_order
 from worker.wiring.runtime import get_runtime
 
 __all__ = ["accept_order", "deny_order", "publish_order", "run_attempt", "OrderTask"]
-
-
-@app.task(bind=True, base=OrderTask, name=TASK_NAMES[Action.ACCEPT], action=Action.ACCEPT,
-          throws=(OrderFailed,))
-def accept_order(self: OrderTask, *args: Any, **kwargs: Any) -> None:
-    """Tell mipos the POS stored the order: ``delivery_id``, ``store_id``, ``order_external_id``."""
-    run_attempt(self, Action.ACCEPT, args, kwargs)
-
-
-@app.task(bind=True, base=OrderTask, name=TASK_NAMES[Action.DENY], action=Action.DENY,
-          throws=(OrderFailed,))
-def deny_order(self: OrderTask, *args: Any, **kwargs: Any) -> None:
-    """Tell mipos the POS could not store the order; ``message`` says why."""
-    run_attempt(self, Action.DENY, args, kwargs)
-
-
-for _task in (accept_order, deny_order):
-    # Show the POS developer the real arguments in help() and IDEs.
-    _task.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in ORDER_FIELDS]
-        + ([inspect.Parameter("message", inspect.Parameter.KEYWORD_ONLY)] if _task is deny_order else [])
-    )
 
 
 def run_attempt(task: OrderTask, action: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -62,3 +46,6 @@ def run_attempt(task: OrderTask, action: Action, args: tuple[Any, ...], kwargs: 
         raise Reject(exc, requeue=True) from exc
     if isinstance(ending, DeadLettered):
         raise OrderFailed.for_letter(ending.letter_id, ending.reason, ending.error)
+
+
+deliver_with(run_attempt)

@@ -7,9 +7,9 @@ from dataclasses import asdict
 
 import structlog
 
+from mipos_worker.order.model import Action, Order
+from mipos_worker.order.stamps import Stamps
 from worker.ops.reconciliation import sweep
-from worker.order.model import Action, Order
-from worker.order.stamps import Stamps
 from worker.state.locks import held_lock
 from worker.wiring.celery_app import app
 from worker.wiring.runtime import get_runtime
@@ -18,7 +18,7 @@ logger = structlog.stdlib.get_logger("mipos.reconcile")
 
 
 def _resend(action: Action, order: Order, message: str | None) -> None:
-    from worker.wiring.order_task import publish_order
+    from mipos_worker.order_tasks import publish_order
 
     arguments: dict[str, str] = order.fields()
     if action is Action.DENY:

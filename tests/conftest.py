@@ -191,12 +191,12 @@ def make_cluster(redis_server: RedisServer, sandbox: Sandbox, logdir: Path) -> I
 def write_done(client: Any, prefix: str, order: Any, task_id: str, ack: Any = None) -> None:
     """A done record written as a worker writes it: by the attempt's end (worker/state/phases.py)."""
     from config.settings import BreakerConfig
-    from worker.order.model import Action
+    from mipos_worker.order.model import Action
     from worker.state.breaker import CircuitBreaker
-    from worker.state.inflight import InflightRegistry
+    from mipos_worker.state.inflight import InflightRegistry
     from worker.state.ledger import OrderLedger
     from worker.state.phases import AttemptPhases
-    from worker.state.replication import NO_ACK
+    from mipos_worker.state.replication import NO_ACK
 
     ledger = OrderLedger(client, prefix, ack or NO_ACK)
     breaker = CircuitBreaker(client, prefix, BreakerConfig(True, 5, 0.5, 30.0, 2.0, 200))

@@ -14,7 +14,7 @@ if _db.startswith("postgresql://"):
 else:
     DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": _db}}
 
-INSTALLED_APPS = ["tasks.django_outbox"]
+INSTALLED_APPS = ["mipos_worker.django_outbox"]
 SECRET_KEY = "tests-only"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

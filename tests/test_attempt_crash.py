@@ -21,7 +21,7 @@ import worker.wiring.runtime
 from support.processes import SANDBOX_ENV
 from tests.conftest import FAST_RETRY_ENV, Cluster, new_order_id
 from worker.mipos.tokens import TokenStore
-from worker.order.model import Action
+from mipos_worker.order.model import Action
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from config import load_worker_settings, timing
 from worker.attempt.story import ComeBack, DeadLettered, Delivery, Ending, Finished
 from worker.mipos.classification import Answer
 from worker.mipos.errors import AuthError, MiposError, TransientError
-from worker.order.model import Action, Order, OrderRequest
-from worker.order.stamps import STAMPS_KEY
+from mipos_worker.order.model import Action, Order, OrderRequest
+from mipos_worker.order.stamps import STAMPS_KEY
 from worker.state.ledger import LedgerEntry, OrderLedger, Uncertain
 from worker.state.phases import Start
 
@@ -1077,7 +1077,7 @@ def shell(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, World]]:
 def test_the_shell_turns_a_come_back_into_a_celery_retry(shell: tuple[Any, World]) -> None:
     from celery.exceptions import Retry
 
-    from worker.wiring import order_task
+    from mipos_worker import order_tasks as order_task
 
     task, world = shell
     world.client.answers = [UNAVAILABLE]
@@ -1101,7 +1101,7 @@ def test_the_shell_turns_a_come_back_into_a_celery_retry(shell: tuple[Any, World
 
 
 def test_the_shell_fails_a_dead_lettered_order(shell: tuple[Any, World]) -> None:
-    from worker.order.errors import OrderFailed
+    from mipos_worker.order.errors import OrderFailed
 
     task, world = shell
     world.client.answers = [NOT_FOUND]

@@ -53,7 +53,7 @@ def message(task_id: str) -> bytes:
 
 
 def register(pipe: Any, task_id: str, published_at: float | None, last_seen: float) -> None:
-    """An in-flight entry in the shape worker/state/inflight.py writes."""
+    """An in-flight entry in the shape mipos_worker/state/inflight.py writes."""
     entry: dict[str, Any] = {"task": "mipos.accept_order",
                              "kwargs": {"delivery_id": "1", "store_id": "3", "order_external_id": task_id}}
     if published_at is not None:
@@ -71,7 +71,7 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def sweeper(client: redis.Redis, tasks: Any) -> Any:
-    from worker.state.inflight import InflightRegistry
+    from mipos_worker.state.inflight import InflightRegistry
     from worker.wiring.celery_app import app
     from worker.wiring.rescue import LostMessageSweeper
 

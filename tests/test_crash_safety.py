@@ -175,7 +175,7 @@ def test_a_pickled_message_is_refused_and_never_executed(make_cluster: ClusterFa
 def test_a_message_the_broker_lost_is_rescued(make_cluster: ClusterFactory) -> None:
     """What a worker killed between kombu's BRPOP and its unacked write leaves behind:
     a registered task with no message anywhere."""
-    from worker.state.inflight import InflightRegistry
+    from mipos_worker.state.inflight import InflightRegistry
 
     cluster = make_cluster(**CRASH_ENV)
     order_id = new_order_id()
@@ -194,7 +194,7 @@ def test_a_message_the_broker_lost_is_rescued(make_cluster: ClusterFactory) -> N
 
 def test_the_sweeper_rescues_only_what_is_neither_queued_nor_reserved(
         redis_server: RedisServer, tasks: ModuleType) -> None:
-    from worker.state.inflight import InflightRegistry
+    from mipos_worker.state.inflight import InflightRegistry
     from worker.wiring.celery_app import app
     from worker.wiring.rescue import LostMessageSweeper
 

@@ -26,11 +26,7 @@ SETUP = """
     with connection.cursor() as cursor:
         cursor.execute("CREATE TABLE IF NOT EXISTS pos_order (external_id VARCHAR(64) PRIMARY KEY)")
 
-    from tasks import accept_order, deny_order
-    from worker.wiring.order_task import OrderTask as OnCommitMixin
-    from tasks.orders import OrderTask
-    if not issubclass(OrderTask, OnCommitMixin):  # until tasks/orders.py mixes it in
-        OrderTask.__bases__ = (OnCommitMixin, *OrderTask.__bases__)
+    from mipos_worker import accept_order, deny_order
 
     import redis
     queue = redis.Redis.from_url(os.environ["REDIS_URL"])
@@ -67,8 +63,8 @@ DELAY_ON_COMMIT = SETUP + """
 """
 
 OUTBOX = SETUP + """
-    from tasks.django_outbox import outbox
-    from tasks.django_outbox.models import OutboxRow
+    from mipos_worker.django_outbox import outbox
+    from mipos_worker.django_outbox.models import OutboxRow
     committed, rolled_back = sys.argv[1:3]
     with transaction.atomic():
         with connection.cursor() as cursor:
@@ -116,11 +112,13 @@ def test_delay_on_commit_enqueues_after_the_commit_and_never_after_a_rollback(
 
 
 def test_the_order_tasks_have_delay_on_commit() -> None:
-    """Wired in tasks/orders.py: ``class OrderTask(OnCommitMixin, Task)``."""
-    from tasks import accept_order, deny_order
-    from worker.wiring.order_task import OrderTask as OnCommitMixin
+    """The POS side's tasks are the worker's: ``from tasks import ...`` in a checkout is the same object."""
+    import mipos_worker
+    import tasks
+    from mipos_worker.order_tasks import OrderTask
 
-    assert isinstance(accept_order, OnCommitMixin) and isinstance(deny_order, OnCommitMixin)
+    assert tasks.accept_order is mipos_worker.accept_order and tasks.deny_order is mipos_worker.deny_order
+    assert isinstance(mipos_worker.accept_order, OrderTask) and hasattr(mipos_worker.accept_order, "delay_on_commit")
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

@@ -21,7 +21,7 @@ from worker.mipos.client import MiposClient, TokenGrant, _grant_from
 from worker.mipos.errors import AuthError, ErrorClass, MiposError, PermanentError, TransientError
 from worker.mipos.pending import fetch_pending
 from worker.mipos.tokens import TokenStore
-from worker.order.model import Action, parse_order_request
+from mipos_worker.order.model import Action, parse_order_request
 
 T, A, P = ErrorClass.TRANSIENT, ErrorClass.AUTH, ErrorClass.PERMANENT
 

@@ -25,7 +25,7 @@ from worker.mipos.budget import attempt_budget
 from worker.mipos.classification import Answer, classify
 from worker.mipos.client import MiposClient
 from worker.mipos.errors import ErrorClass
-from worker.order.model import Action, parse_order_request
+from mipos_worker.order.model import Action, parse_order_request
 
 TIMEOUT_S = 1.0  # per connect and per read: the total of one call is 2 s
 TOTAL_S = 2 * TIMEOUT_S

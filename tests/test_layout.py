@@ -1,5 +1,6 @@
 """The layout's rules, checked on the source: no import circle, each room of worker/ imports
-only from the rooms below it, and importing a module builds no Celery app."""
+only from the rooms below it, the POS side (mipos_worker/) imports nothing of the worker's,
+and importing a module builds no Celery app."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from support.processes import ROOT
 
-PACKAGES = ("config", "worker", "tasks", "cli")
+PACKAGES = ("mipos_worker", "config", "worker", "tasks", "cli")
 # Lowest first: a room may import from the rooms before it, never after.
 ROOMS = ("order", "logs", "state", "mipos", "attempt", "wiring", "ops")
 
@@ -89,12 +90,35 @@ def test_each_room_imports_only_from_rooms_below_it() -> None:
 
 
 def test_importing_any_module_builds_no_celery_app() -> None:
-    names = sorted(n for n in modules() if n.startswith(("worker", "config")) and n != "worker.wiring.celery_app")
+    apps = ("worker.wiring.celery_app", "mipos_worker.celery_app", "mipos_worker.order_tasks")
+    names = sorted(n for n in modules()
+                   if n.startswith(("worker", "config", "mipos_worker")) and n not in apps
+                   and not n.startswith("mipos_worker.django_outbox"))  # needs Django's settings
     script = ("import importlib, sys\n"
               f"for name in {names!r}:\n"
               "    importlib.import_module(name)\n"
-              "print('worker.wiring.celery_app' in sys.modules)\n")
+              f"print(any(app in sys.modules for app in {apps!r}))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                             timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+# What the POS side may import: itself, the standard library, its dependencies and extras.
+POS_SIDE_IMPORTS = {"mipos_worker", "celery", "kombu", "redis", "sqlalchemy", "django", "prometheus_client"}
+
+
+def test_the_pos_side_imports_nothing_of_the_workers() -> None:
+    wrong = []
+    for path in (ROOT / "mipos_worker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            elif isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            else:
+                continue
+            wrong += [(str(path.relative_to(ROOT)), top) for top in tops
+                      if top not in POS_SIDE_IMPORTS and top not in sys.stdlib_module_names
+                      and top != "__future__"]
+    assert wrong == []

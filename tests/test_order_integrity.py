@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Cluster, new_order_id
-from worker.order.stamps import PRIVATE_KEYS
-from worker.state.clock import redis_time
+from mipos_worker.order.stamps import PRIVATE_KEYS
+from mipos_worker.state.clock import redis_time
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 DENY_PATH = "/api/v1/integration/order/deny"

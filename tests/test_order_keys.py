@@ -9,8 +9,8 @@ import pytest
 
 from support.processes import wait_for
 from tests.conftest import Cluster, new_order_id
-from worker.order.errors import InvalidOrder
-from worker.order.model import Action, Order, order_key, parse_order_request
+from mipos_worker.order.errors import InvalidOrder
+from mipos_worker.order.model import Action, Order, order_key, parse_order_request
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 

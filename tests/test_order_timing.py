@@ -14,7 +14,7 @@ import pytest
 from support.processes import wait_for
 from tests.conftest import ClusterFactory, new_order_id
 from tests.test_order_integrity import DENY_PATH, at_mipos, send_by_name, sent
-from worker.state.clock import redis_time
+from mipos_worker.state.clock import redis_time
 
 
 def test_a_producer_clock_ahead_does_not_stretch_the_deadline(

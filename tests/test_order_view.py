@@ -5,8 +5,8 @@ from __future__ import annotations
 from support.processes import RedisServer
 from tests.conftest import new_order_id
 from worker.ops.order_status import describe_order
-from worker.order.stamps import STAMPS_KEY
-from worker.state.inflight import InflightRegistry
+from mipos_worker.order.stamps import STAMPS_KEY
+from mipos_worker.state.inflight import InflightRegistry
 
 PREFIX = "view-test:"
 

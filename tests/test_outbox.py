@@ -12,7 +12,7 @@ from support.processes import ROOT, RedisServer, free_port
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from tasks.outbox import Outbox
+    from mipos_worker.file_outbox import Outbox
     outbox = Outbox(sys.argv[1])
     if sys.argv[2] == "accept":
         print(outbox.accept(delivery_id=7, store_id="3", order_external_id=sys.argv[3]))

@@ -15,7 +15,7 @@ import pytest
 from bench.measure import long_lived_memory, memory_between
 from support.processes import ROOT, SANDBOX_ENV, RedisServer, wait_for
 from tests.conftest import ClusterFactory, new_order_id, write_done
-from worker.order.model import Order
+from mipos_worker.order.model import Order
 from worker.state.ledger import LedgerEntry, OrderLedger
 
 HISTORY_S = 300  # at the floor's side for the test's delivery numbers (251 s), see config/retention.py

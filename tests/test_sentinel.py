@@ -19,8 +19,8 @@ from bench.sentinel import SentinelCluster
 from config import SettingsError, load_producer_settings, url_without_password
 from support.processes import ROOT, wait_for
 from tests.conftest import write_done
-from worker.order.model import Order
-from worker.state.replication import NotReplicated, ReplicaAck
+from mipos_worker.order.model import Order
+from mipos_worker.state.replication import NotReplicated, ReplicaAck
 
 REDIS_PASSWORD = "redis-pass-for-tests"
 SENTINEL_PASSWORD = "sentinel-pass-for-tests"
@@ -81,7 +81,7 @@ def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sent
 
 
 def test_clients_follow_a_failover_and_log_it_once(deployment: SentinelCluster) -> None:
-    from worker.state.connection import redis_from_url
+    from mipos_worker.state.connection import redis_from_url
     from worker.state.topology import master_address, tracker
 
     settings = load_producer_settings()
@@ -108,7 +108,7 @@ def test_clients_follow_a_failover_and_log_it_once(deployment: SentinelCluster) 
 
 
 def test_wait_for_a_replica_guards_the_done_record(deployment: SentinelCluster) -> None:
-    from worker.state.connection import redis_from_url
+    from mipos_worker.state.connection import redis_from_url
 
     client = redis_from_url(load_producer_settings().url, timeout_s=3.0, retries=1)
     order = Order("1", "7", str(uuid.uuid4()))

@@ -1,4 +1,4 @@
-"""The transactional outbox (tasks/sql_outbox) on real databases, in this process: what is
+"""The transactional outbox (mipos_worker/sql_outbox) on real databases, in this process: what is
 written, what is refused, what the relay publishes, and what it moves aside.
 
 PostgreSQL and MariaDB are servers of the tests' own (tests/postgres.py,
@@ -46,7 +46,7 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path, tasks: ModuleType) ->
             pytest.skip("MariaDB is not installed (optional: apt-get install mariadb-server)")
         url = server.create_database(name)
     engine = sa.create_engine(url)
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     sql_outbox.create_tables(engine)
     ORDERS.create(engine)
@@ -68,7 +68,7 @@ def messages(redis_server: RedisServer, task_ids: set[str] | None = None) -> lis
 
 
 def store_order(engine: sa.Engine, order_id: str, *, action: str = "accept") -> str:
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     with engine.begin() as conn:
         conn.execute(sa.insert(ORDERS).values(external_id=order_id))
@@ -85,7 +85,7 @@ def rows(engine: sa.Engine, table: sa.Table) -> list[Any]:
 
 def test_rows_are_published_oldest_first_with_their_age_and_deleted(
         engine: sa.Engine, redis_server: RedisServer) -> None:
-    from tasks.sql_outbox import Relay, outbox_table
+    from mipos_worker.sql_outbox import Relay, outbox_table
 
     redis_server.client.delete(QUEUE)
     order_ids = [str(uuid.uuid4()) for _ in range(3)]
@@ -112,7 +112,7 @@ def test_rows_are_published_oldest_first_with_their_age_and_deleted(
 
 def test_a_rolled_back_transaction_leaves_nothing_to_send(
         engine: sa.Engine, redis_server: RedisServer) -> None:
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     redis_server.client.delete(QUEUE)
     with engine.connect() as conn:
@@ -148,7 +148,7 @@ def test_bad_arguments_raise_before_anything_is_written(
 
 
 def test_a_deny_needs_its_message(engine: sa.Engine) -> None:
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     with engine.begin() as conn, pytest.raises(ValueError, match="^message"):
         sql_outbox.deny(conn, delivery_id=1, store_id="3", order_external_id="x")
@@ -157,8 +157,8 @@ def test_a_deny_needs_its_message(engine: sa.Engine) -> None:
 def test_a_row_that_can_never_be_sent_is_moved_aside_with_the_reason(
         engine: sa.Engine, redis_server: RedisServer) -> None:
     """Written by hand (or an older version): never retried forever, never silently deleted."""
-    from tasks.sql_outbox import Relay, dead_table, outbox_table
-    from tasks.sql_outbox.schema import db_now
+    from mipos_worker.sql_outbox import Relay, dead_table, outbox_table
+    from mipos_worker.sql_outbox.schema import db_now
 
     redis_server.client.delete(QUEUE)
     good = str(uuid.uuid4())
@@ -192,7 +192,7 @@ def test_a_row_that_can_never_be_sent_is_moved_aside_with_the_reason(
 
 def test_redis_down_keeps_the_rows_and_counts_the_try(engine: sa.Engine, tmp_path: Path) -> None:
     from support.processes import free_port
-    from tasks.sql_outbox import RedisUnavailable, Relay, outbox_table
+    from mipos_worker.sql_outbox import RedisUnavailable, Relay, outbox_table
     from worker.wiring.celery_app import app
 
     store_order(engine, str(uuid.uuid4()))
@@ -214,7 +214,7 @@ def test_redis_down_keeps_the_rows_and_counts_the_try(engine: sa.Engine, tmp_pat
 
 def test_sqlite_lease_keeps_a_claimed_batch_from_a_second_relay(
         tmp_path: Path, tasks: ModuleType, redis_server: RedisServer) -> None:
-    from tasks.sql_outbox import Relay, create_tables, outbox_table
+    from mipos_worker.sql_outbox import Relay, create_tables, outbox_table
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'lease.sqlite3'}")
     create_tables(engine)

@@ -27,7 +27,7 @@ ORDERS = sa.Table("orders", sa.MetaData(), sa.Column("external_id", sa.String(64
 POS_COMMITS_THEN_WAITS = """
     import sys
     import sqlalchemy as sa
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     engine = sa.create_engine(sys.argv[1])
     with engine.begin() as conn:  # the order and its acceptance: one transaction
@@ -40,7 +40,7 @@ POS_COMMITS_THEN_WAITS = """
 RELAY_DIES_BEFORE_DELETE = """
     import os, signal, sys
     import sqlalchemy as sa
-    from tasks.sql_outbox import Relay
+    from mipos_worker.sql_outbox import Relay
 
     relay = Relay(sa.create_engine(sys.argv[1]), lease_s=0.5)
     def die(*_args):
@@ -52,7 +52,7 @@ RELAY_DIES_BEFORE_DELETE = """
 
 
 def pos_database(kind: str, tmp_path: Path, pg_server: postgres.PostgresServer) -> str:
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'pos.sqlite3'}"
@@ -127,7 +127,7 @@ def test_redis_down_for_30s_while_200_orders_commit(
         make_cluster: ClusterFactory, redis_server: RedisServer, pg_server: postgres.PostgresServer,
         tmp_path: Path) -> None:
     """The POS's commits neither fail nor wait for Redis; every order is accepted once after."""
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     cluster = make_cluster()
     url = pos_database("postgresql", tmp_path, pg_server)
@@ -164,7 +164,7 @@ def test_redis_down_for_30s_while_200_orders_commit(
 
 def test_two_relays_on_one_postgresql_outbox_under_1000_orders(
         make_cluster: ClusterFactory, pg_server: postgres.PostgresServer, tmp_path: Path) -> None:
-    from tasks import sql_outbox
+    from mipos_worker import sql_outbox
 
     cluster: Cluster = make_cluster(processes=2, WORKER_CONCURRENCY="8")
     url = pos_database("postgresql", tmp_path, pg_server)

@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from worker.order.model import Action
+from mipos_worker.order.model import Action
 
 _LEVELS = {
     "accepted": "info",

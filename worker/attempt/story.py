@@ -22,6 +22,15 @@ import redis
 import structlog
 
 from config import WorkerSettings, timing
+from mipos_worker.order.errors import InvalidOrder
+from mipos_worker.order.model import (
+    ORDER_FIELDS,
+    Action,
+    OrderRequest,
+    named_arguments,
+    parse_order_request,
+)
+from mipos_worker.order.stamps import STAMPS_KEY, split_message
 from worker.attempt import retry
 from worker.attempt.line import AttemptLine
 from worker.attempt.record import AttemptRecord, History
@@ -30,9 +39,6 @@ from worker.mipos.budget import attempt_budget
 from worker.mipos.classification import Answer, Verdict, classify
 from worker.mipos.errors import ErrorClass, MiposError
 from worker.mipos.pending import fetch_pending
-from worker.order.errors import InvalidOrder
-from worker.order.model import ORDER_FIELDS, Action, OrderRequest, named_arguments, parse_order_request
-from worker.order.stamps import STAMPS_KEY, split_message
 from worker.state.ledger import LedgerEntry, Uncertain
 from worker.state.phases import Start
 
@@ -64,7 +70,7 @@ class Services(Protocol):
     @property
     def metrics(self) -> Any: ...  # worker.state.counters.Metrics
     @property
-    def clock(self) -> Any: ...  # worker.state.clock.SharedClock
+    def clock(self) -> Any: ...  # mipos_worker.state.clock.SharedClock
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import requests
 
 from config import MiposSettings
 from config.timing import call_bound_for
+from mipos_worker.order.model import Action, OrderRequest
 from worker.mipos import budget
 from worker.mipos.call_deadline import DeadlineAdapter, watched
 from worker.mipos.classification import (
@@ -36,7 +37,6 @@ from worker.mipos.classification import (
     classify,
 )
 from worker.mipos.errors import AuthError, PermanentError, TransientError
-from worker.order.model import Action, OrderRequest
 
 TOKEN_PATH = "/api/oauth/token"
 REFRESH_PATH = "/api/oauth/token/refresh"

@@ -17,10 +17,17 @@ from prometheus_client.registry import Collector
 
 from config import RedisSettings
 from config.timing import QUEUE
+from mipos_worker.state.inflight import InflightRegistry
 from worker.state.breaker import STATE_KEY, WAITING_KEY
-from worker.state.counters import COUNTERS, LATENCY, LATENCY_BUCKETS_S, LATENCY_HELP, Metrics, parse_field
+from worker.state.counters import (
+    COUNTERS,
+    LATENCY,
+    LATENCY_BUCKETS_S,
+    LATENCY_HELP,
+    Metrics,
+    parse_field,
+)
 from worker.state.deadletters import DeadLetters, expired_before
-from worker.state.inflight import InflightRegistry
 from worker.state.kombu_keys import UNACKED_KEY
 
 
@@ -146,7 +153,7 @@ def register_prometheus_collector() -> None:
     from prometheus_client import REGISTRY
 
     from config import load_producer_settings
-    from worker.state.connection import redis_from_url
+    from mipos_worker.state.connection import redis_from_url
 
     settings = load_producer_settings()
     REGISTRY.register(RedisCollector(redis_from_url(settings.url, timeout_s=2.0, retries=0),

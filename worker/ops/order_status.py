@@ -13,11 +13,11 @@ from typing import Any, Literal, cast
 
 import redis
 
-from worker.order.model import Action, Order
-from worker.order.stamps import stamps_of
+from mipos_worker.order.model import Action, Order
+from mipos_worker.order.stamps import stamps_of
+from mipos_worker.state.inflight import InflightEntry, InflightRegistry
 from worker.state.breaker import WAITING_KEY
 from worker.state.deadletters import DeadLetter, DeadLetters
-from worker.state.inflight import InflightEntry, InflightRegistry
 from worker.state.ledger import LedgerEntry, OrderLedger
 
 State = Literal["pending", "retrying", "held", "accepted", "denied", "dead-lettered"]

@@ -14,8 +14,8 @@ from typing import Any
 
 import structlog
 
+from mipos_worker.order.model import Action, Order
 from worker.mipos.pending import PendingOrder, fetch_pending
-from worker.order.model import Action, Order
 from worker.wiring.runtime import Runtime
 
 logger = structlog.stdlib.get_logger("mipos.reconcile")

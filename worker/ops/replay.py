@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from config import load_producer_settings
-from worker.order.model import ORDER_FIELDS, Action, Order
-from worker.order.stamps import Stamps
-from worker.state.connection import producer_redis
+from mipos_worker.order.model import ORDER_FIELDS, Action, Order
+from mipos_worker.order.stamps import Stamps
+from mipos_worker.state.connection import producer_redis
 from worker.state.counters import Metrics
 from worker.state.deadletters import DeadLetter, DeadLetters
 from worker.state.ledger import OrderLedger
@@ -33,7 +33,7 @@ class Replay:
 
 
 def replay_dead_letter(letter: DeadLetter) -> Replay:
-    from worker.wiring.order_task import publish_order
+    from mipos_worker.order_tasks import publish_order
 
     settings = load_producer_settings()
     client = producer_redis(settings.url)

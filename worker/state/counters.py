@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from worker.state.connection import text
+from mipos_worker.state.connection import text
 
 # Enqueue to accepted (or denied): mipos cancels an order after about 10 minutes.
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)

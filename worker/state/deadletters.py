@@ -10,8 +10,8 @@ from typing import Any, cast
 
 import redis
 
-from worker.order.model import order_key
-from worker.state.connection import text
+from mipos_worker.order.model import order_key
+from mipos_worker.state.connection import text
 from worker.state.counters import Metrics
 
 DEAD_LETTER_TTL_S = 30 * 24 * 3600

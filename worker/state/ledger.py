@@ -18,16 +18,12 @@ from typing import Any
 import redis
 
 from config import RetentionSettings, configured_retention
-from worker.order.model import Action, Order
-from worker.state.connection import text, whole_seconds
-from worker.state.replication import NO_ACK, ReplicaAck
+from mipos_worker.order.model import Action, Order
+from mipos_worker.state.connection import text, whole_seconds
+from mipos_worker.state.inflight import order_tasks_key
+from mipos_worker.state.replication import NO_ACK, ReplicaAck
 
 # How long each kind of record stays: settings (config/settings.py), floors in config/retention.py.
-
-
-def order_tasks_key(key_prefix: str, order_key: str) -> str:
-    """The tasks ever enqueued or run for one order (``store/order``), by first sight."""
-    return f"{key_prefix}order-tasks:{order_key}"
 
 
 def note_order_task(pipe: Any, key_prefix: str, order_key: str, task_id: str, ttl_s: float) -> None:
@@ -76,7 +72,7 @@ class Uncertain:
 class OrderLedger:
     """With ``ack`` (REDIS_MIN_REPLICAS_ACK > 0) the writes a failover must not lose, the done
     record and the "sending" mark, return only once that many replicas have them
-    (worker/state/replication.py); else NotReplicated, and the task is not acknowledged."""
+    (mipos_worker/state/replication.py); else NotReplicated, and the task is not acknowledged."""
 
     def __init__(self, redis_client: redis.Redis, key_prefix: str, ack: ReplicaAck = NO_ACK,
                  retention: RetentionSettings | None = None) -> None:

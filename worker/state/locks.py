@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import redis
 
-from worker.state.connection import milliseconds
+from mipos_worker.state.connection import milliseconds
 
 # Delete the lock only if it is still ours (it may have expired and been retaken).
 _RELEASE = """

@@ -18,10 +18,10 @@ from typing import Any
 
 import redis
 
-from worker.order.model import Action, Order
+from mipos_worker.order.model import Action, Order
+from mipos_worker.state.connection import milliseconds, whole_seconds
+from mipos_worker.state.inflight import InflightRegistry
 from worker.state.breaker import CircuitBreaker, rate_slot_lua
-from worker.state.connection import milliseconds, whole_seconds
-from worker.state.inflight import InflightRegistry
 from worker.state.ledger import LedgerEntry, OrderLedger, Uncertain, read_entry
 
 # KEYS: heartbeats, sending, history, lock, done, uncertain, breaker state, rate window, token

@@ -1,10 +1,7 @@
-"""Redis behind Sentinel: clients that follow the master, and the line that says so.
+"""Redis behind Sentinel, as the worker watches it: the line that says the master moved,
+and what operators see (replication, the Sentinels' quorum).
 
-Every process reaches Redis through ``redis_client`` (redis-py) or the Celery
-app's broker connection (kombu's ``sentinel`` transport, options from
-``kombu_sentinel_options``). Both ask the Sentinels for the master before each
-new connection, so after a failover the next command fails once on the dead
-master's connection, reconnects, and lands on the promoted replica: no restart.
+The clients themselves are the POS side's (``mipos_worker/state/sentinel.py``).
 
 ``follow_master_changes`` makes a process notice that: the first time any of
 its connections (ours or kombu's) is sent to a different master than before,
@@ -23,79 +20,15 @@ from typing import Any
 
 import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from redis.sentinel import (
-    Sentinel,
-    SentinelConnectionPoolProxy,
-    SentinelManagedSSLConnection,
-)
+from redis.sentinel import SentinelConnectionPoolProxy
 
-from config import RedisSettings, SentinelTarget, parse_sentinel_url
-from config.redis_url import query_items
+from mipos_worker.settings import RedisSettings
+from mipos_worker.state.sentinel import sentinel_kwargs, target_of
 
 logger = structlog.stdlib.get_logger("mipos.redis")
 
 Address = tuple[str, int]
 MasterListener = Callable[[str, Address | None, Address], None]  # master name, old, new
-
-# What a TLS query in the URL may carry, as redis-py's keyword arguments.
-SSL_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
-
-
-def target_of(url: str) -> SentinelTarget:
-    target, problems = parse_sentinel_url(url)
-    if target is None:
-        raise ValueError("; ".join(problems))
-    return target
-
-
-def ssl_kwargs(target: SentinelTarget) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for key, value in query_items(target.query):
-        if key in SSL_KEYS:
-            kwargs[key] = value.lower() == "true" if key == "ssl_check_hostname" else value
-    return kwargs
-
-
-def sentinel_kwargs(settings: RedisSettings, target: SentinelTarget, timeout_s: float) -> dict[str, Any]:
-    """How to talk to the Sentinels themselves: their password, TLS as for Redis, bounded."""
-    kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    if settings.sentinel_password:
-        kwargs["password"] = settings.sentinel_password
-    if target.tls:
-        kwargs.update(ssl=True, **ssl_kwargs(target))
-    return kwargs
-
-
-def sentinel_master_client(url: str, settings: RedisSettings, timeout_s: float,
-                           retries: int) -> redis.Redis:
-    """A redis-py client for the master the Sentinels name; it re-asks them on every new connection."""
-    follow_master_changes()
-    target = target_of(url)
-    assert settings.sentinel_master is not None, "REDIS_SENTINEL_MASTER is checked with REDIS_URL"
-    master_kwargs: dict[str, Any] = {
-        "db": target.db, "username": target.username, "password": target.password,
-        "socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-        "health_check_interval": 30, "retry": Retry(NoBackoff(), retries),
-    }
-    if target.tls:
-        master_kwargs.update(connection_class=SentinelManagedSSLConnection, **ssl_kwargs(target))
-    sentinel = Sentinel(list(target.sentinels),
-                        sentinel_kwargs=sentinel_kwargs(settings, target, timeout_s))
-    return sentinel.master_for(settings.sentinel_master, **master_kwargs)
-
-
-def kombu_sentinel_options(settings: RedisSettings, timeout_s: float) -> dict[str, Any]:
-    """kombu's ``sentinel`` transport options: which master, and how to reach the Sentinels.
-    (kombu reads the master's password, database and TLS from the URL itself.)"""
-    if settings.sentinel_master is None:
-        return {}
-    follow_master_changes()
-    return {
-        "master_name": settings.sentinel_master,
-        "sentinel_kwargs": sentinel_kwargs(settings, target_of(settings.url), timeout_s),
-    }
 
 
 def master_address(client: redis.Redis) -> Address | None:

@@ -1,11 +1,13 @@
-"""The Celery app: transport, serialization and delivery settings, and signals.
+"""The Celery app in the worker's processes: the POS side's app, given what consuming needs.
 
-Importing this needs only ``REDIS_URL`` (the POS side). The visibility timeout
-and kombu's restore interval are set here, from ``MIPOS_TIMEOUT_S`` and
-``MIPOS_VISIBILITY_TIMEOUT_S``, in every process that builds the app: a
-consuming connection (a worker, Flower, ``doctor``'s ping) sweeps the unacked
-messages with its own value, so all must share the workers'. A worker checks
-every setting in ``celeryd_init`` and exits with one message if any is wrong.
+The app, its serializer, queue and task options are the POS side's
+(``mipos_worker/celery_app.py``). Here it gets what only a consuming process
+needs: the task modules to import, the visibility timeout and kombu's restore
+interval (from ``MIPOS_TIMEOUT_S`` and ``MIPOS_VISIBILITY_TIMEOUT_S``), the
+beat schedule and the worker's signals. Every process that builds the app here
+(a worker, Flower, ``doctor``'s ping) sweeps the unacked messages with its own
+value, so all must share the workers'. A worker checks every setting in
+``celeryd_init`` and exits with one message if any is wrong.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from celery import Celery, signals
+from celery import signals
 
 from config import (
     DeliverySettings,
@@ -26,12 +28,14 @@ from config import (
     load_worker_settings,
 )
 from config import timing as delivery
-from config.timing import QUEUE
+from mipos_worker.celery_app import QUEUE, app, transport_options
 from worker.logs.setup import bind_task_context, clear_task_context, configure_logging
-from worker.state.topology import kombu_sentinel_options
+from worker.state.topology import follow_master_changes
 from worker.wiring import events_patch
 from worker.wiring.rescue import LostMessageSweeper
 from worker.wiring.runtime import flush_metrics, get_runtime
+
+__all__ = ["app"]
 
 _redis = load_producer_settings()
 _delivery: DeliverySettings
@@ -43,58 +47,20 @@ except SettingsError:
     # publishes, and publishing never re-queues anything.
     _delivery = load_delivery_settings({})
 events_patch.install()  # celery#10434: task events lost with the threads pool
+if _redis.sentinel:
+    follow_master_changes()  # one line when a failover moves this process to a new master
 
-# Bounded so that a POS calling `delay()` never hangs on a Redis that is down
-# or does not answer: it gets an exception within a few seconds.
-PRODUCER_TRANSPORT_OPTIONS: dict[str, Any] = {
-    "socket_timeout": 3,
-    "socket_connect_timeout": 2,
-    "max_retries": 1,
-    "interval_start": 0,
-    "interval_step": 0.5,
-    "interval_max": 0.5,
-}
-
-# Behind Sentinel (REDIS_URL=sentinel://...): which master, and how to reach the Sentinels;
-# kombu then asks them for the master on every new connection, so it follows a failover.
-SENTINEL_TIMEOUT_S = 2.0
-
-app = Celery("mipos", include=["tasks.orders", "tasks.reconcile"])
 app.conf.update(
-    broker_url=_redis.url,
-    broker_connection_timeout=2,
-    broker_connection_retry_on_startup=True,
+    include=["tasks.orders", "tasks.reconcile"],
     broker_transport_options={
-        **PRODUCER_TRANSPORT_OPTIONS,
+        **transport_options(_redis),
         "visibility_timeout": delivery.visibility_timeout_s(_delivery),
         "unacked_restore_interval": delivery.restore_interval_s(_delivery),
         "unacked_restore_throttle": 1,
-        **kombu_sentinel_options(_redis, SENTINEL_TIMEOUT_S),
     },
-    task_publish_retry_policy={
-        "max_retries": 1,
-        "interval_start": 0,
-        "interval_step": 0.5,
-        "interval_max": 0.5,
-    },
-    # JSON only: a pickled message is refused, never executed.
-    task_serializer="json",
-    result_serializer="json",
-    event_serializer="json",
-    accept_content=["json"],
-    task_ignore_result=True,
-    task_default_queue=QUEUE,
-    # At-least-once: acknowledge after the attempt, hand the message back if
-    # the process running it dies, and reserve one message at a time.
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    # Our logging stays in charge; Flower sees tasks as they are sent and run.
+    # Our logging stays in charge.
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
-    worker_send_task_events=True,
-    task_send_sent_event=True,
-    enable_utc=True,
 )
 
 

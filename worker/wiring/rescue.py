@@ -1,4 +1,4 @@
-"""The sweeper that re-publishes order tasks the broker lost (see ``worker/state/inflight.py``).
+"""The sweeper that re-publishes order tasks the broker lost (see ``mipos_worker/state/inflight.py``).
 
 Runs as a thread in every worker's main process; a Redis lock lets one sweep
 at a time. A task is re-published only when it has shown no sign of life for
@@ -38,7 +38,7 @@ import redis
 import structlog
 from celery import Celery
 
-from worker.state.inflight import InflightRegistry
+from mipos_worker.state.inflight import InflightRegistry
 from worker.state.kombu_keys import UNACKED_KEY, queue_keys
 from worker.state.locks import take_lock
 

@@ -16,19 +16,19 @@ from config import (
     WorkerSettings,
     load_worker_settings,
 )
+from mipos_worker.state.clock import SharedClock
+from mipos_worker.state.connection import redis_from_url
+from mipos_worker.state.inflight import InflightRegistry
+from mipos_worker.state.replication import ReplicaAck
 from worker.logs.redaction import register_secret
 from worker.mipos.client import MiposClient
 from worker.mipos.tokens import TokenStore
 from worker.state.breaker import CircuitBreaker
-from worker.state.clock import SharedClock
-from worker.state.connection import redis_from_url
 from worker.state.counters import Metrics
 from worker.state.deadletters import DeadLetters
-from worker.state.inflight import InflightRegistry
 from worker.state.ledger import OrderLedger
 from worker.state.phases import AttemptPhases
-from worker.state.replication import ReplicaAck
-from worker.state.topology import tracker
+from worker.state.topology import follow_master_changes, tracker
 
 METRICS_FLUSH_EVERY_S = 1.0  # counts reach Redis (and /metrics) within about this long
 
@@ -44,7 +44,7 @@ class Runtime:
     inflight: InflightRegistry
     breaker: CircuitBreaker
     metrics: Metrics
-    clock: SharedClock  # Redis's time: the deadline's one clock (worker/state/clock.py)
+    clock: SharedClock  # Redis's time: the deadline's one clock (mipos_worker/state/clock.py)
     phases: AttemptPhases  # the start and end of an attempt, one round trip each
 
 
@@ -61,6 +61,8 @@ def get_runtime() -> Runtime:
             for secret in (*settings.mipos.secrets(), *settings.redis.secrets()):
                 register_secret(secret, permanent=True)
             client = MiposClient(settings.mipos)
+            if settings.redis.sentinel:
+                follow_master_changes()
             r = redis_from_url(settings.redis.url, settings=settings.redis)
             prefix = settings.redis.key_prefix
             metrics = Metrics(r, prefix, flush_every_s=METRICS_FLUSH_EVERY_S)

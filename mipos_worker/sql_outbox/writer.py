@@ -15,9 +15,9 @@ from sqlalchemy import insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from tasks.sql_outbox.schema import db_now, outbox_table
-from worker.order.model import Action
-from worker.order.request_check import check_request
+from mipos_worker.order.model import Action
+from mipos_worker.order.request_check import check_request
+from mipos_worker.sql_outbox.schema import db_now, outbox_table
 
 # Set in ``Session.info`` / ``Connection.info`` when an outbox row was written: the
 # in-process relay's after-commit hook wakes the relay only then (background.py).

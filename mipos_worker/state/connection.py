@@ -11,8 +11,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from config import RedisSettings, is_sentinel_url, load_producer_settings, verified_redis_url
-from worker.state.topology import sentinel_master_client
+from mipos_worker.redis_url import is_sentinel_url
+from mipos_worker.settings import (
+    RedisSettings,
+    load_producer_settings,
+    verified_redis_url,
+)
+from mipos_worker.state.sentinel import sentinel_master_client
 
 REDIS_SOCKET_TIMEOUT_S = 5.0
 
@@ -39,10 +44,10 @@ def milliseconds(duration_s: float) -> int:
 
 def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries: int = 3,
                    settings: RedisSettings | None = None) -> redis.Redis:
-    """A client that checks a rediss:// server's certificate as the broker does (config.verified_redis_url).
+    """A client that checks a rediss:// server's certificate as the broker does (mipos_worker.settings.verified_redis_url).
 
     A ``sentinel://`` URL gives a client of the master the Sentinels name, which
-    follows a failover (worker/state/topology.py); the master's name and the Sentinels'
+    follows a failover (mipos_worker/state/sentinel.py); the master's name and the Sentinels'
     password come from ``settings`` (default: the environment's). With
     REDIS_MIN_REPLICAS_ACK a read waits up to the replica timeout for a WAIT.
     """

@@ -1,6 +1,6 @@
 """The transactional outbox for a POS on SQLAlchemy (PostgreSQL, MySQL/MariaDB, SQLite).
 
-    from tasks import sql_outbox as outbox
+    from mipos_worker import sql_outbox as outbox
 
     with engine.begin() as conn:           # the POS's own transaction
         conn.execute(insert(orders).values(...))
@@ -11,10 +11,15 @@ A relay (``mipos-worker outbox relay --database-url URL``, or
 Needs ``pip install mipos-worker[sqlalchemy]``.
 """
 
-from tasks.sql_outbox.background import RelayThread, start_relay_thread
-from tasks.sql_outbox.relay import BatchResult, OutboxStatus, RedisUnavailable, Relay
-from tasks.sql_outbox.schema import dead_table, metadata, outbox_table
-from tasks.sql_outbox.writer import accept, deny
+from mipos_worker.sql_outbox.background import RelayThread, start_relay_thread
+from mipos_worker.sql_outbox.relay import (
+    BatchResult,
+    OutboxStatus,
+    RedisUnavailable,
+    Relay,
+)
+from mipos_worker.sql_outbox.schema import dead_table, metadata, outbox_table
+from mipos_worker.sql_outbox.writer import accept, deny
 
 
 def create_tables(bind: object) -> None:

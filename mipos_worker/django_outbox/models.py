@@ -1,4 +1,4 @@
-"""The outbox tables; the same columns as ``tasks/sql_outbox/schema.py``."""
+"""The outbox tables; the same columns as ``mipos_worker/sql_outbox/schema.py``."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ reason. When Redis cannot be reached the rows wait and the relay backs off.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -24,23 +25,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-import structlog
 from kombu.exceptions import OperationalError
-from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine, Row
 
-from tasks.sql_outbox.schema import (
+from mipos_worker.logs import log
+from mipos_worker.order.model import Action
+from mipos_worker.order.request_check import check_request
+from mipos_worker.order.stamps import Stamps
+from mipos_worker.sql_outbox.schema import (
     db_now,
     dead_table,
     outbox_table,
     supports_skip_locked,
 )
-from worker.order.model import Action
-from worker.order.request_check import check_request
-from worker.order.stamps import Stamps
 
-logger = structlog.stdlib.get_logger("mipos.outbox")
+logger = logging.getLogger("mipos.outbox")
 
 PUBLISH_ERRORS = (OperationalError, redis.RedisError, OSError)
 
@@ -67,27 +67,16 @@ class OutboxStatus:
                 "oldest_age_s": None if self.oldest_age_s is None else round(self.oldest_age_s, 3)}
 
 
+@dataclass
 class RelayMetrics:
-    """Prometheus series of one relay, in a registry of its own (``--metrics-port`` serves it)."""
+    """What one relay counted, and the last status it read (``--metrics-port`` serves them)."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.backlog = Gauge("mipos_outbox_backlog", "Outbox rows not yet published",
-                             registry=self.registry)
-        self.oldest_age = Gauge("mipos_outbox_oldest_age_seconds",
-                                "Age of the oldest unpublished outbox row (database clock)",
-                                registry=self.registry)
-        self.dead = Gauge("mipos_outbox_dead_rows", "Rows moved aside to mipos_outbox_dead",
-                          registry=self.registry)
-        self.published = Counter("mipos_outbox_published", "Rows published to Redis by this relay",
-                                 registry=self.registry)
-        self.moved_aside = Counter("mipos_outbox_moved_aside",
-                                   "Rows this relay moved aside as unpublishable", registry=self.registry)
+    published: int = 0  # rows published to Redis by this relay
+    moved_aside: int = 0  # rows this relay moved aside as unpublishable
+    status: OutboxStatus | None = None
 
     def observe(self, status: OutboxStatus) -> None:
-        self.backlog.set(status.backlog)
-        self.oldest_age.set(status.oldest_age_s or 0.0)
-        self.dead.set(status.dead)
+        self.status = status
 
 
 class Relay:
@@ -188,14 +177,12 @@ class Relay:
         conn.execute(delete(outbox_table).where(outbox_table.c.id.in_(ids)))
 
     def _count(self, published: int, moved: int) -> None:
-        if published:
-            self.metrics.published.inc(published)
-        if moved:
-            self.metrics.moved_aside.inc(moved)
+        self.metrics.published += published
+        self.metrics.moved_aside += moved
 
     def _publish(self, row: Row[Any]) -> str | None:
         """Publish one row; the reason it can never be published, or None when it went."""
-        from worker.wiring.order_task import publish_order
+        from mipos_worker.order_tasks import publish_order
 
         try:
             action = Action(row.action)
@@ -218,7 +205,7 @@ class Relay:
             id=row.id, task_id=row.task_id, action=str(row.action)[:8], arguments=row.arguments,
             created_at=row.created_at, moved_at=self.now, reason=reason[:2000]))
         self._delete(conn, [row.id])
-        logger.error("outbox_row_moved_aside", relay=self.name, row_id=row.id, task_id=row.task_id,
+        log(logger, logging.ERROR, "outbox_row_moved_aside", relay=self.name, row_id=row.id, task_id=row.task_id,
                      action=row.action, reason=reason, table=dead_table.name)
 
     # -- backlog ------------------------------------------------------------------
@@ -234,7 +221,7 @@ class Relay:
 
     def report(self) -> OutboxStatus:
         status = self.status()
-        logger.info("outbox_backlog", relay=self.name, **status.fields())
+        log(logger, logging.INFO, "outbox_backlog", relay=self.name, **status.fields())
         return status
 
     # -- the loop -------------------------------------------------------------------
@@ -253,7 +240,7 @@ class Relay:
             try:
                 result = self.run_once()
                 if down_since is not None:
-                    logger.info("outbox_redis_back", relay=self.name,
+                    log(logger, logging.INFO, "outbox_redis_back", relay=self.name,
                                 down_for_s=round(time.monotonic() - down_since, 1))
                     down_since = None
                 backoff = poll_interval_s
@@ -266,11 +253,11 @@ class Relay:
             except RedisUnavailable as exc:
                 if down_since is None:
                     down_since = time.monotonic()
-                    logger.warning("outbox_publish_failed", relay=self.name, error=str(exc),
+                    log(logger, logging.WARNING, "outbox_publish_failed", relay=self.name, error=str(exc),
                                    retry_in_s=backoff)
                 wait_s, backoff = backoff, min(max_backoff_s, backoff * 2)
             except Exception as exc:  # the database unreachable, a lock timeout: try again later
-                logger.error("outbox_relay_error", relay=self.name, error=f"{type(exc).__name__}: {exc}",
+                log(logger, logging.ERROR, "outbox_relay_error", relay=self.name, error=f"{type(exc).__name__}: {exc}",
                              retry_in_s=backoff)
                 wait_s, backoff = backoff, min(max_backoff_s, backoff * 2)
             if time.monotonic() >= next_report:
@@ -278,7 +265,7 @@ class Relay:
                 try:
                     self.report()
                 except Exception as exc:
-                    logger.error("outbox_relay_error", relay=self.name, error=f"{type(exc).__name__}: {exc}")
+                    log(logger, logging.ERROR, "outbox_relay_error", relay=self.name, error=f"{type(exc).__name__}: {exc}")
             if wait_s > 0 and wake.wait(wait_s):
                 wake.clear()
                 eager_until = time.monotonic() + 0.2

@@ -17,12 +17,18 @@ from typing import Any
 
 import redis
 
-from config import load_retention_settings
-from worker.order.model import order_key
-from worker.order.stamps import STAMPS_KEY, stamps_of
-from worker.state.clock import redis_time
-from worker.state.connection import text, whole_seconds
-from worker.state.ledger import order_tasks_key
+from mipos_worker.order.model import order_key
+from mipos_worker.order.stamps import STAMPS_KEY, stamps_of
+from mipos_worker.settings import load_retention_settings
+from mipos_worker.state.clock import redis_time
+from mipos_worker.state.connection import text, whole_seconds
+
+
+def order_tasks_key(key_prefix: str, order_key: str) -> str:
+    """The tasks ever enqueued or run for one order (``store/order``), by first sight: written
+    here at the registration, and by the worker's ledger after each attempt."""
+    return f"{key_prefix}order-tasks:{order_key}"
+
 
 InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; when it is next due
 

@@ -10,8 +10,8 @@ import sys
 import uuid
 from typing import Any
 
-from worker.order.model import Action
-from worker.order.request_check import check_request
+from mipos_worker.order.model import Action
+from mipos_worker.order.request_check import check_request
 
 
 def accept(*, using: str | None = None, **arguments: Any) -> str:
@@ -27,7 +27,7 @@ def deny(*, using: str | None = None, **arguments: Any) -> str:
 def _write(action: Action, arguments: dict[str, Any], using: str | None) -> str:
     from django.db import router, transaction
 
-    from tasks.django_outbox.models import DatabaseNow, OutboxRow
+    from mipos_worker.django_outbox.models import DatabaseNow, OutboxRow
 
     request = check_request(action, arguments)
     task_id = str(uuid.uuid4())
@@ -41,7 +41,7 @@ def _write(action: Action, arguments: dict[str, Any], using: str | None) -> str:
 
 
 def _wake_relays() -> None:
-    """An in-process relay (tasks.sql_outbox.start_relay_thread), if the POS started one."""
-    background = sys.modules.get("tasks.sql_outbox.background")  # not imported: no relay thread
+    """An in-process relay (mipos_worker.sql_outbox.start_relay_thread), if the POS started one."""
+    background = sys.modules.get("mipos_worker.sql_outbox.background")  # not imported: no relay thread
     if background is not None:
         background.wake_relays()

@@ -4,7 +4,7 @@ The deadline compares the time an order was enqueued with the time an attempt
 starts, on different hosts. Host clocks drift and are set wrong; the Redis
 server every process already shares is one clock for all. Producers stamp the
 enqueue time from ``TIME`` in the same round trip as their registration
-(``worker/state/inflight.py``); a worker keeps its offset from Redis's clock,
+(``mipos_worker/state/inflight.py``); a worker keeps its offset from Redis's clock,
 measured now and then, and reads its own clock through it.
 """
 

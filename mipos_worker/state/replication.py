@@ -21,8 +21,8 @@ from typing import Any
 
 import redis
 
-from config import RedisSettings
-from worker.state.connection import milliseconds
+from mipos_worker.settings import RedisSettings
+from mipos_worker.state.connection import milliseconds
 
 
 class NotReplicated(redis.RedisError):

@@ -1,19 +1,24 @@
-"""The Celery task class of the accept and deny tasks: what happens in the POS's process.
+"""The accept and deny tasks, and what happens in the POS's process when one is enqueued.
 
 ``OrderTask.apply_async`` checks the arguments in the caller's process
 (``ValueError`` naming the field, nothing enqueued), refuses the stamps only
-mipos-worker may set (``worker/order/stamps.py``), and registers the task,
-stamped with Redis's clock, before publishing it (``worker/state/inflight.py``).
+mipos-worker may set (``mipos_worker/order/stamps.py``), and registers the task,
+stamped with Redis's clock, before publishing it (``mipos_worker/state/inflight.py``).
 The project's own producers (the outbox, replay, reconciliation, the worker's
 retries) go through ``publish_order``. ``delay_on_commit`` is Celery's
 ``DjangoTask`` idea for these tasks.
+
+A task's body runs only in a worker: the worker's checkout hands its delivery
+to ``deliver_with`` (``tasks/orders.py``). In a POS's process there is none,
+and nothing here imports the worker.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -22,15 +27,25 @@ import redis
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from config import RedisSettings, load_producer_settings, load_retention_settings
-from worker.order.model import Action, named_arguments, parse_order_request
-from worker.order.request_check import check_request
-from worker.order.stamps import STAMPS_KEY, Stamps, split_message
-from worker.state.connection import producer_redis
-from worker.state.inflight import InflightRegistry
-from worker.state.replication import ReplicaAck, confirm_replicated
-
-TASK_NAMES = {Action.ACCEPT: "mipos.accept_order", Action.DENY: "mipos.deny_order"}
+from mipos_worker.celery_app import app
+from mipos_worker.names import TASK_NAMES
+from mipos_worker.order.errors import OrderFailed
+from mipos_worker.order.model import (
+    ORDER_FIELDS,
+    Action,
+    named_arguments,
+    parse_order_request,
+)
+from mipos_worker.order.request_check import check_request
+from mipos_worker.order.stamps import STAMPS_KEY, Stamps, split_message
+from mipos_worker.settings import (
+    RedisSettings,
+    load_producer_settings,
+    load_retention_settings,
+)
+from mipos_worker.state.connection import producer_redis
+from mipos_worker.state.inflight import InflightRegistry
+from mipos_worker.state.replication import ReplicaAck, confirm_replicated
 
 _internal_publish: ContextVar[bool] = ContextVar("mipos_internal_publish", default=False)
 
@@ -45,10 +60,29 @@ def internal_publish() -> Iterator[None]:
         _internal_publish.reset(token)
 
 
+Delivery = Callable[["OrderTask", Action, tuple[Any, ...], dict[str, Any]], None]
+_delivery: Delivery | None = None
+
+
+def deliver_with(delivery: Delivery) -> None:
+    """The worker's side of a task (its checkout's ``tasks/orders.py``): run in the task's body."""
+    global _delivery
+    _delivery = delivery
+
+
 class OrderTask(Task):
     action: Action
     max_retries = None  # attempts and deadline are ours to count (worker/attempt/retry.py)
     typing = False  # checked by parse_order_request, with clearer messages
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def deliver(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if _delivery is None:
+            raise RuntimeError(
+                f"{self.name} runs in mipos-worker's workers (celery -A worker, from its checkout); "
+                "this process only enqueues it")
+        _delivery(self, self.action, args, kwargs)
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         arguments = named_arguments(self.action, tuple(args or ()), dict(kwargs or {}))
@@ -76,7 +110,7 @@ class OrderTask(Task):
     def apply_async_on_commit(self, args: Any = None, kwargs: Any = None, **options: Any) -> None:
         """Checked at once; enqueued when the current Django transaction commits (at once outside
         one), not at all when it rolls back. A crash between the commit and the enqueue loses
-        it, as in Celery: the outbox (tasks.django_outbox) has no such gap."""
+        it, as in Celery: the outbox (mipos_worker.django_outbox) has no such gap."""
         from django.db import transaction
 
         check_request(self.action, named_arguments(self.action, tuple(args or ()), dict(kwargs or {})))
@@ -93,7 +127,7 @@ class OrderTask(Task):
     def _confirm_replicated(self, client: redis.Redis, settings: RedisSettings,
                             options: dict[str, Any]) -> None:
         """REDIS_MIN_REPLICAS_ACK > 0: return only once the registration and the message are on
-        that many replicas (worker/state/replication.py), else raise as when Redis is down."""
+        that many replicas (mipos_worker/state/replication.py), else raise as when Redis is down."""
         ack = ReplicaAck.of(settings)
         if not ack.enabled:
             return
@@ -122,6 +156,30 @@ def _registry(client: redis.Redis, key_prefix: str, index_ttl_s: float) -> Infli
     return InflightRegistry(client, key_prefix, index_ttl_s)
 
 
+@app.task(bind=True, base=OrderTask, name=TASK_NAMES[Action.ACCEPT], action=Action.ACCEPT,
+          throws=(OrderFailed,), shared=False)
+def accept_order(self: OrderTask, *args: Any, **kwargs: Any) -> None:
+    """Tell mipos the POS stored the order: ``delivery_id``, ``store_id``, ``order_external_id``."""
+    self.deliver(args, kwargs)
+
+
+@app.task(bind=True, base=OrderTask, name=TASK_NAMES[Action.DENY], action=Action.DENY,
+          throws=(OrderFailed,), shared=False)
+def deny_order(self: OrderTask, *args: Any, **kwargs: Any) -> None:
+    """Tell mipos the POS could not store the order; ``message`` says why."""
+    self.deliver(args, kwargs)
+
+
+ORDER_TASKS: dict[Action, OrderTask] = {Action.ACCEPT: accept_order, Action.DENY: deny_order}
+
+for _task in ORDER_TASKS.values():
+    # Show the POS developer the real arguments in help() and IDEs.
+    _task.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in ORDER_FIELDS]
+        + ([inspect.Parameter("message", inspect.Parameter.KEYWORD_ONLY)] if _task is deny_order else [])
+    )
+
+
 def publish_order(action: Action, arguments: dict[str, Any], stamps: Stamps, *,
                   age_s: float = 0.0, **options: Any) -> Any:
     """Enqueue with stamps: for the project's own producers only.
@@ -129,9 +187,6 @@ def publish_order(action: Action, arguments: dict[str, Any], stamps: Stamps, *,
     ``age_s``: how long ago the order was enqueued, on the producer's own clock
     (the outbox's kept rows); the deadline counts from then.
     """
-    from worker.wiring.celery_app import app
-
-    app.loader.import_default_modules()  # the tasks' module (``include``), in a CLI or relay process
-    task = app.tasks[TASK_NAMES[action]]
     with internal_publish():
-        return task.apply_async(kwargs={**arguments, STAMPS_KEY: stamps.to_message()}, age_s=age_s, **options)
+        return ORDER_TASKS[action].apply_async(
+            kwargs={**arguments, STAMPS_KEY: stamps.to_message()}, age_s=age_s, **options)

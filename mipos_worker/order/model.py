@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from worker.order.errors import InvalidOrder
+from mipos_worker.order.errors import InvalidOrder
 
 
 class Action(StrEnum):

@@ -14,8 +14,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from tasks.sql_outbox.relay import Relay
-from tasks.sql_outbox.writer import WROTE_KEY
+from mipos_worker.sql_outbox.relay import Relay
+from mipos_worker.sql_outbox.writer import WROTE_KEY
 
 _woken: list[threading.Event] = []  # the wake events of the relay threads in this process
 _hooks_lock = threading.Lock()

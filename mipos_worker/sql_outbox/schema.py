@@ -3,7 +3,7 @@
 Times are seconds since the epoch *as the database sees them*
 (``created_at``, ``claimed_until``, ``moved_at``): a row's age is computed in
 SQL as the database's now minus ``created_at``, so the clocks of the POS hosts
-and of the relay never enter it. The Django app (``tasks/django_outbox``)
+and of the relay never enter it. The Django app (``mipos_worker/django_outbox``)
 creates the same tables, so one relay serves both.
 """
 

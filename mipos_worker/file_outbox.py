@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from kombu.exceptions import OperationalError
 
-from worker.order.model import Action, parse_order_request
-from worker.order.stamps import Stamps
+from mipos_worker.order.model import Action, parse_order_request
+from mipos_worker.order.stamps import Stamps
 
 SendResult = Literal["enqueued", "kept"]
 
@@ -98,7 +98,7 @@ class Outbox:
     @staticmethod
     def _enqueue(db: sqlite3.Connection, row_id: int, action: Action,
                  arguments: dict[str, Any], enqueued_at: float) -> bool:
-        from worker.wiring.order_task import publish_order
+        from mipos_worker.order_tasks import publish_order
 
         try:
             # The deadline counts from when the POS stored the order: its age on this

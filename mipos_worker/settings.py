@@ -1,0 +1,312 @@
+"""The POS side's settings: Redis, read from the environment and checked.
+
+The worker reads these the same way (``config/`` builds its settings on this
+module), so a POS and the workers agree on the broker, the key prefix and the
+retention of the task index. The loaders collect every problem before raising,
+so one message names every bad setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
+
+from mipos_worker.redis_url import (
+    is_sentinel_url,
+    normalized_sentinel_url,
+    parse_sentinel_url,
+    redis_url_passwords,
+)
+
+T = TypeVar("T")
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+# The done record: deduplication and reconciliation need it for the redelivery horizon
+# (about 19 minutes by default); a day also covers a POS replaying yesterday's queue.
+DEFAULT_LEDGER_RETENTION_S = 24 * 3600
+# The attempt history and the order's task index: the running task needs them for the
+# same horizon; beyond it only `mipos-worker order` reads them (dead letters keep a copy).
+DEFAULT_HISTORY_RETENTION_S = 3600
+# How a boolean setting may be written (any case).
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+CERT_REQS = {"required": "required", "cert_required": "required", "optional": "optional",
+             "cert_optional": "optional", "none": "none", "cert_none": "none"}
+
+
+
+class SettingsError(Exception):
+    """One or more settings are missing or malformed; ``problems`` lists each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            "invalid configuration: " + "; ".join(problems)
+            + " (see the Settings section of README.md)"
+        )
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str
+    key_prefix: str
+    sentinel_master: str | None = None  # REDIS_SENTINEL_MASTER: set exactly when url is sentinel://
+    sentinel_password: str | None = None  # REDIS_SENTINEL_PASSWORD: the Sentinels' own
+    min_replicas_ack: int = 0  # REDIS_MIN_REPLICAS_ACK: replicas a write that counts must reach
+    replica_ack_timeout_s: float = 1.0  # REDIS_REPLICA_ACK_TIMEOUT_S: how long to wait for them
+
+    @property
+    def sentinel(self) -> bool:
+        return self.sentinel_master is not None
+
+    def secrets(self) -> tuple[str, ...]:
+        """The Redis and Sentinel passwords, for the log redaction."""
+        found = redis_url_passwords(self.url)
+        return tuple(s for s in (*found, self.sentinel_password) if s)
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long Redis keeps each kind of record of a finished order (config/retention.py)."""
+
+    done_s: float = DEFAULT_LEDGER_RETENTION_S  # MIPOS_LEDGER_RETENTION_S: the done record
+    history_s: float = DEFAULT_HISTORY_RETENTION_S  # MIPOS_HISTORY_RETENTION_S: attempts, task index
+
+
+def parse_boolean(text: str) -> bool:
+    """One of TRUE_WORDS or FALSE_WORDS, in any case and with spaces around; ValueError otherwise."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{text!r} is not a boolean")
+
+
+class SettingsReader:
+    """Reads typed values from an environment, remembering every problem."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+        self.seen: dict[str, str | None] = {}  # every name read, and its value then
+
+    def raw(self, name: str, default: str | None) -> str | None:
+        value = self.env.get(name)
+        self.seen[name] = value
+        if value is None or value.strip() == "":
+            return default
+        return value.strip()
+
+    def required(self, name: str) -> str:
+        value = self.raw(name, None)
+        if value is None:
+            self.problems.append(f"{name} is required but not set")
+            return ""
+        return value
+
+    def parsed(self, name: str, default: str, parse: Callable[[str], T], expected: str) -> T | None:
+        text = self.raw(name, default)
+        assert text is not None
+        try:
+            return parse(text)
+        except ValueError:
+            self.problems.append(f"{name}={text!r} is not {expected}")
+            return None
+
+    def positive_float(self, name: str, default: str) -> float:
+        value = self.parsed(name, default, float, "a number")
+        if value is None:
+            return float(default)
+        if not math.isfinite(value) or value <= 0:
+            self.problems.append(f"{name}={value!r} must be a number greater than 0")
+        return value
+
+    def whole_number(self, name: str, default: str) -> int:
+        """0 or more."""
+        value = self.parsed(name, default, int, "a whole number")
+        if value is None:
+            return int(default)
+        if value < 0:
+            self.problems.append(f"{name}={value!r} must be 0 or more")
+        return value
+
+    def positive_int(self, name: str, default: str) -> int:
+        value = self.parsed(name, default, int, "a whole number")
+        if value is None:
+            return int(default)
+        if value < 1:
+            self.problems.append(f"{name}={value!r} must be at least 1")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], *, upper: bool) -> str:
+        text = self.raw(name, default) or default
+        value = text.upper() if upper else text.lower()
+        if value not in choices:
+            self.problems.append(f"{name}={text!r} must be one of {', '.join(choices)}")
+            return default
+        return value
+
+    def boolean(self, name: str, default: str) -> bool:
+        text = (self.raw(name, default) or default).lower()
+        try:
+            return parse_boolean(text)
+        except ValueError:
+            self.problems.append(f"{name}={text!r} must be true or false")
+            return default == "true"
+
+    def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        text = self.raw(name, default) or default
+        parts = urlsplit(text)
+        if parts.scheme not in schemes or not parts.hostname:
+            self.problems.append(
+                f"{name}={url_without_password(text)!r} must be a URL starting with "
+                + " or ".join(f"{s}://" for s in schemes)
+            )
+        return text.rstrip("/") if "http" in schemes else text
+
+    def check(self) -> None:
+        if self.problems:
+            raise SettingsError(self.problems)
+
+
+def url_without_password(url: str) -> str:
+    """The URL as it may be shown; every password of a ``;``-joined Sentinel URL hidden too."""
+    for password in redis_url_passwords(url):
+        url = url.replace(f":{password}@", ":***@")
+    return url
+
+
+def query_items_of(url: str) -> list[tuple[str, str]]:
+    query = urlsplit(url).query
+    return [(k, v) for k, _, v in (item.partition("=") for item in query.split("&") if item)]
+
+
+def ssl_cert_reqs(url: str) -> str | None:
+    """The certificate check a rediss:// URL asks for: required, optional or none
+    (None: not TLS, or a value neither kombu nor redis-py knows)."""
+    if urlsplit(url).scheme != "rediss":
+        return None
+    given = [v for k, v in query_items_of(url) if k == "ssl_cert_reqs"]
+    return CERT_REQS.get(given[-1].strip().lower()) if given else "required"
+
+
+def verified_redis_url(url: str) -> str:
+    """The URL with its certificate check spelled out, so that every client verifies alike.
+
+    kombu connects to ``rediss://`` without ``ssl_cert_reqs`` with no certificate
+    check at all, while redis-py requires one; kombu takes ``CERT_NONE`` and
+    redis-py only ``none``. Writing ``ssl_cert_reqs=required|optional|none`` into
+    the URL makes the broker, the shared-state client, the POS side, Flower and
+    the CLI agree: verified unless ``none`` is asked for. A CA file comes from
+    ``ssl_ca_certs`` in the URL, else from the system store.
+    """
+    wanted = ssl_cert_reqs(url)
+    if wanted is None:
+        return url
+    items = [(k, v) for k, v in query_items_of(url) if k != "ssl_cert_reqs"]
+    items.append(("ssl_cert_reqs", wanted))
+    query = "&".join(f"{k}={v}" for k, v in items)
+    return urlunsplit(urlsplit(url)._replace(query=query))
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_redis(reader: SettingsReader) -> RedisSettings:
+    text = reader.raw("REDIS_URL", DEFAULT_REDIS_URL) or DEFAULT_REDIS_URL
+    master = reader.raw("REDIS_SENTINEL_MASTER", None)
+    sentinel_password = reader.raw("REDIS_SENTINEL_PASSWORD", None)
+    ack = reader.whole_number("REDIS_MIN_REPLICAS_ACK", "0")
+    ack_timeout = reader.positive_float("REDIS_REPLICA_ACK_TIMEOUT_S", "1")
+    if is_sentinel_url(text):
+        target, problems = parse_sentinel_url(text)
+        reader.problems.extend(problems)
+        if master is None:
+            reader.problems.append(
+                "REDIS_URL is a Sentinel URL (sentinel://) but REDIS_SENTINEL_MASTER is not set: "
+                "name the master the Sentinels monitor (e.g. REDIS_SENTINEL_MASTER=mymaster)")
+        if target is not None and target.tls:
+            # TLS to the Sentinels and to Redis: the check spelled out, as for rediss:// URLs.
+            verified = verified_redis_url("rediss://x/?" + target.query)
+            if ssl_cert_reqs(verified) is None:
+                reader.problems.append(
+                    "REDIS_URL has an ssl_cert_reqs that is not required, optional or none")
+            target = replace(target, query=urlsplit(verified).query)
+        url = normalized_sentinel_url(target) if target is not None else text
+    else:
+        url = reader.url("REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss"))
+        if urlsplit(url).scheme in ("redis", "rediss") and ";" in url:
+            reader.problems.append(
+                "REDIS_URL lists several URLs: only Sentinel URLs (sentinel://) may be joined with ';'")
+        if urlsplit(url).scheme == "rediss" and ssl_cert_reqs(url) is None:
+            reader.problems.append(
+                f"REDIS_URL={url_without_password(url)!r} has an ssl_cert_reqs that is not "
+                "required, optional or none")
+        for name, value in (("REDIS_SENTINEL_MASTER", master),
+                            ("REDIS_SENTINEL_PASSWORD", sentinel_password)):
+            if value is not None:
+                reader.problems.append(
+                    f"{name} is set but REDIS_URL is not a Sentinel URL: use "
+                    "REDIS_URL=sentinel://host1:26379;sentinel://host2:26379/0, or unset " + name)
+        url = verified_redis_url(url)
+    return RedisSettings(
+        url=url,
+        key_prefix=reader.raw("MIPOS_REDIS_PREFIX", "mipos:") or "mipos:",
+        sentinel_master=master if is_sentinel_url(text) else None,
+        sentinel_password=sentinel_password,
+        min_replicas_ack=ack,
+        replica_ack_timeout_s=ack_timeout,
+    )
+
+
+_loaded: dict[Callable[..., Any], tuple[dict[str, str | None], Any]] = {}
+
+
+def load(read: Callable[[SettingsReader], T], env: Mapping[str, str] | None) -> T:
+    """Read one group of settings, raising once with every problem found.
+
+    From the process's environment, the last result is kept while every variable it
+    read is unchanged: ``delay()`` reads the Redis settings at every call, and parsing
+    them cost more than the comparison."""
+    if env is None and (kept := _loaded.get(read)) is not None:
+        seen, settings = kept
+        if all(os.environ.get(name) == value for name, value in seen.items()):
+            return cast(T, settings)
+    reader = SettingsReader(os.environ if env is None else env)
+    settings = read(reader)
+    reader.check()
+    if env is None:
+        _loaded[read] = (reader.seen, settings)
+    return settings
+
+
+def read_retention(reader: SettingsReader) -> RetentionSettings:
+    return RetentionSettings(
+        done_s=reader.positive_float("MIPOS_LEDGER_RETENTION_S", str(DEFAULT_LEDGER_RETENTION_S)),
+        history_s=reader.positive_float("MIPOS_HISTORY_RETENTION_S", str(DEFAULT_HISTORY_RETENTION_S)),
+    )
+
+
+def load_retention_settings(env: Mapping[str, str] | None = None) -> RetentionSettings:
+    """The retention settings alone (the POS side's registration keeps the task index as long);
+    their floor is checked with the worker's settings (``load_worker_settings``)."""
+    return load(read_retention, env)
+
+
+def load_producer_settings(env: Mapping[str, str] | None = None) -> RedisSettings:
+    """What the POS side needs to enqueue: Redis only, no mipos credentials."""
+    return load(read_redis, env)
