@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from cli.common import EXIT_FAILED, EXIT_OK, open_redis
 from cli.orders import attempts_table
-from cli.output import CliError, ago, emit_json, table, when
+from cli.output import CliError, ago, emit_json, key_values, printable, table, when
 from cli.progress import Progress
 
 if TYPE_CHECKING:
@@ -72,9 +72,7 @@ def cmd_dead_show(args: argparse.Namespace) -> int:
         ("replayed", f"as task {letter.replayed['task_id']} at {when(letter.replayed['at'])}"
          if letter.replayed else "no"),
     ]
-    for name, value in fields:
-        if value is not None:
-            print(f"{name + ':':<18}{value}")
+    print(key_values(fields))
     if letter.attempts:
         print()
         print(attempts_table(letter.attempts, with_task=False))
@@ -113,7 +111,7 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
         print("no dead letters to replay")
     else:
         for r in results:
-            print(f"{r.letter.id} {r.letter.action} {r.letter.order_key}: {r.detail}")
+            print(printable(f"{r.letter.id} {r.letter.action} {r.letter.order_key}: {r.detail}"))
         if args.all:
             counts: dict[str, int] = {}
             for r in results:

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from cli.common import EXIT_OK, open_redis
-from cli.output import CliError, emit_json, seconds, table, when
+from cli.output import CliError, emit_json, printable, seconds, table, when
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -31,8 +31,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"task_id": result.id, "action": args.action, **kwargs})
     else:
-        print(f"enqueued {args.action} of order {args.store_id}/{args.order_external_id} "
-              f"as task {result.id}")
+        print(printable(f"enqueued {args.action} of order {args.store_id}/{args.order_external_id} "
+                        f"as task {result.id}"))
     return EXIT_OK
 
 
@@ -59,15 +59,16 @@ def cmd_order(args: argparse.Namespace) -> int:
         })
         return EXIT_OK
     order = status.order
-    print(f"order {order.store_id}/{order.order_external_id} (delivery {order.delivery_id})")
-    print(f"state: {status.state}: {status.summary}")
+    print(printable(f"order {order.store_id}/{order.order_external_id} (delivery {order.delivery_id})"))
+    print(printable(f"state: {status.state}: {status.summary}"))
     if attempts:
         print()
         print(attempts_table(attempts, with_task=len(status.tasks) > 1))
     for letter in status.dead_letters:
         replay = f", replayed as task {letter.replayed['task_id']}" if letter.replayed else ""
-        print(f"\ndead letter {letter.id}: {letter.action} failed ({letter.reason}) at "
-              f"{when(letter.failed_at)}{replay}")
+        print()
+        print(printable(f"dead letter {letter.id}: {letter.action} failed ({letter.reason}) at "
+                        f"{when(letter.failed_at)}{replay}"))
     if status.state == "dead-lettered":
         last = status.dead_letters[-1]
         if not last.replayed and last.reason != "invalid":

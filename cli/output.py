@@ -4,18 +4,34 @@ relay command), and the times in between."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
-from mipos_worker.terminal import CliError, emit_json, parse_duration, seconds, table
+from mipos_worker.terminal import (
+    CliError,
+    emit_json,
+    parse_duration,
+    printable,
+    seconds,
+    table,
+)
 
-__all__ = ["CliError", "ago", "emit_json", "parse_duration", "parse_since", "seconds", "table", "when"]
+__all__ = ["CliError", "ago", "emit_json", "key_values", "parse_duration", "parse_since", "printable",
+           "seconds", "table", "when"]
+
+
+def key_values(fields: Sequence[tuple[str, Any]], width: int = 18) -> str:
+    """``name:  value`` lines, one a field, the values escaped (``printable``); None is left out."""
+    return "\n".join(f"{name + ':':<{width}}{printable(value)}" for name, value in fields
+                     if value is not None)
 
 
 def when(at: float | None) -> str:
     """A time as people read it in a log: ISO 8601, UTC, to the second."""
     if at is None:
         return "-"
-    return datetime.fromtimestamp(at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def ago(at: float | None, now: float | None = None) -> str:
@@ -36,5 +52,5 @@ def parse_since(text: str, now: float | None = None) -> float:
         raise ValueError(f"{text!r} is neither a duration (1h, 30m) nor a time "
                          "(2026-11-29T08:00:00Z)") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()

@@ -1,6 +1,11 @@
 """How the commands print: aligned tables for people, JSON for scripts, and durations.
 
 Shared by the POS side's relay command and the worker's operator CLI (``cli/output.py``).
+
+What people read is escaped (``printable``): the values shown come from mipos's answers
+and from other producers' messages, and a newline or a terminal escape in one would forge
+a line, recolour the operator's terminal or set its title. JSON (``emit_json``) escapes
+them already.
 """
 
 from __future__ import annotations
@@ -15,8 +20,35 @@ from typing import Any, TextIO
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+# C0 controls (newline and tab included), DEL, C1 controls, the line and paragraph separators,
+# the bidirectional embeddings, overrides and isolates (they reorder what follows them on the
+# line), and lone surrogates (which cannot even be written to a UTF-8 terminal).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
+                     "\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(value: Any) -> str:
+    """``str(value)`` with every character that could act on a terminal shown as an escape:
+    ``\\n``, ``\\t``, ``\\r``, ``\\xNN`` (other C0, DEL and C1 controls), ``\\uNNNN`` (bidi
+    controls, separators, surrogates). A backslash already in the text is left as it is:
+    ``--json`` gives the exact value."""
+    return _UNSAFE.sub(_escape, str(value))
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
 class CliError(Exception):
-    """Bad input or an unreachable dependency: one line on stderr, exit code 1."""
+    """Bad input or an unreachable dependency: one line on stderr, exit code 1.
+
+    Its text is escaped (``printable``): it may quote a stored value or mipos's answer."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message))
 
 
 def emit_json(data: Any, stream: TextIO = sys.stdout) -> None:
@@ -32,8 +64,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int 
 
 
 def _cell(value: Any, max_width: int) -> str:
-    text = "-" if value is None or value == "" else str(value)
-    text = " ".join(text.split())
+    """One value on one line: trimmed, control characters escaped, runs of spaces made one."""
+    text = "" if value is None else " ".join(printable(str(value).strip()).split())
+    text = text or "-"
     return text if len(text) <= max_width else text[: max_width - 1] + "…"
 
 

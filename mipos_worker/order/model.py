@@ -86,8 +86,10 @@ def _as_id(field: str, value: Any) -> str:
 
 
 def _refuse_unprintable(field: str, value: str) -> None:
-    """Control characters (NUL, newlines, terminal escapes) and lone surrogates make an id
-    that logs, terminals and Redis keys cannot carry faithfully; mipos ids never hold them."""
+    """Control characters (NUL, newlines, tabs, terminal escapes: C0, DEL, C1) and lone
+    surrogates make an id or a deny's message that logs, terminals and Redis keys cannot carry
+    faithfully; mipos ids never hold them, and a deny's reason is one line of text. Surrounding
+    whitespace is trimmed before this check. Format characters (right-to-left marks) pass."""
     for position, char in enumerate(value):
         category = unicodedata.category(char)
         if category == "Cc":
@@ -113,6 +115,7 @@ def parse_order_request(action: Action, arguments: dict[str, Any]) -> OrderReque
         if not isinstance(raw, str) or not raw.strip():
             raise InvalidOrder("message", f"must be a non-empty string, got {raw!r}")
         message = raw.strip()
+        _refuse_unprintable("message", message)  # one line of text: no newline or tab inside
     return OrderRequest(action=action, order=order, message=message)
 
 
