@@ -17,7 +17,9 @@ def available() -> bool:
 
 
 class MariaDBServer:
-    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, port: int | None = None, *,
+                 tz: str | None = None) -> None:
+        """``tz``: the server's system time zone (``TZ``), which ``time_zone=SYSTEM`` follows."""
         self.port = port or free_port()
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="mipos-mariadb-"))
         self.owns_workdir = workdir is None
@@ -32,7 +34,8 @@ class MariaDBServer:
              "--bind-address=127.0.0.1", f"--socket={self.workdir / 'mariadb.sock'}",
              "--innodb-flush-log-at-trx-commit=0", "--skip-log-bin",
              f"--log-error={self.workdir / 'mariadb.log'}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "TZ": tz} if tz else None)
         try:
             wait_for(self._ready, timeout=60, interval=0.1, what="mariadbd to accept connections")
         except BaseException:

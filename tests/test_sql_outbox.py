@@ -136,7 +136,7 @@ def test_a_rolled_back_transaction_leaves_nothing_to_send(
 ])
 def test_bad_arguments_raise_before_anything_is_written(
         engine: sa.Engine, arguments: dict[str, Any], field: str) -> None:
-    from tasks import accept_order, sql_outbox
+    from mipos_worker import accept_order, sql_outbox
 
     with engine.begin() as conn:
         with pytest.raises(ValueError, match=f"^{field}") as raised:
@@ -191,8 +191,8 @@ def test_a_row_that_can_never_be_sent_is_moved_aside_with_the_reason(
 
 
 def test_redis_down_keeps_the_rows_and_counts_the_try(engine: sa.Engine, tmp_path: Path) -> None:
-    from support.processes import free_port
     from mipos_worker.sql_outbox import RedisUnavailable, Relay, outbox_table
+    from support.processes import free_port
     from worker.wiring.celery_app import app
 
     store_order(engine, str(uuid.uuid4()))

@@ -9,30 +9,41 @@ outside any transaction. Either way a relay killed after a publish and before
 the delete leaves the row; it is published again under the same task id, and
 the worker's ledger sends the order to mipos once.
 
-A row whose arguments can never be sent moves to ``mipos_outbox_dead`` with the
-reason. When Redis cannot be reached the rows wait and the relay backs off.
+A row that can never be published (whatever about it: arguments, JSON, text
+that is not UTF-8, its task id; message.py) moves to ``mipos_outbox_dead``
+alone, with the reason, and the rows around it go. When Redis cannot be
+reached the rows wait and the relay backs off.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import (
+    LargeBinary,
+    Text,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine, Row
 
 from mipos_worker.logs import log
-from mipos_worker.order.model import Action
-from mipos_worker.order.request_check import check_request
 from mipos_worker.order.stamps import Stamps
+from mipos_worker.sql_outbox.message import read_message, shown
 from mipos_worker.sql_outbox.schema import (
     db_now,
     dead_table,
@@ -47,6 +58,11 @@ PUBLISH_ERRORS = (OperationalError, redis.RedisError, OSError)
 
 class RedisUnavailable(Exception):
     """A publish failed for want of Redis: the rest of the batch waits."""
+
+
+class PublishFailed(Exception):
+    """Publishes failed with an error no check foresaw, and no later row of the batch went:
+    the relay, not a row, is at fault; the rows wait (their tries and last error updated)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,16 @@ class OutboxStatus:
     def fields(self) -> dict[str, Any]:
         return {"backlog": self.backlog, "dead_rows": self.dead,
                 "oldest_age_s": None if self.oldest_age_s is None else round(self.oldest_age_s, 3)}
+
+
+@dataclass
+class _Batch:
+    """What became of one batch's rows so far."""
+
+    commit_each: bool  # no batch transaction (lease): each row's outcome is committed at once
+    published: list[int] = field(default_factory=list)
+    moved: int = 0
+    suspects: list[tuple[Row[Any], str]] = field(default_factory=list)  # failed, cause unknown yet
 
 
 @dataclass
@@ -102,8 +128,15 @@ class Relay:
 
     def _columns(self) -> Sequence[Any]:
         t = outbox_table.c
-        return (t.id, t.task_id, t.action, t.arguments, t.created_at,
+        return (t.id, self._text(t.task_id), self._text(t.action), self._text(t.arguments),
                 (self.now - t.created_at).label("age_s"))
+
+    def _text(self, column: Any) -> Any:
+        """On SQLite, a text column as its bytes: the SELECT cannot fail on one row that is not
+        UTF-8 (another program's write); message.read_text decodes it, row by row."""
+        if self.engine.dialect.name == "sqlite":
+            return cast(column, LargeBinary).label(column.name)
+        return column
 
     def _run_locked(self) -> BatchResult:
         with self.engine.connect() as conn:
@@ -112,8 +145,8 @@ class Relay:
                 .with_for_update(skip_locked=True)).all()
             try:
                 result = self._publish_rows(conn, rows)
-            except RedisUnavailable:
-                conn.commit()  # keep the deletes of what went before Redis failed
+            except (RedisUnavailable, PublishFailed):
+                conn.commit()  # keep the deletes of what went, and the rows' tries
                 raise
             conn.commit()
             return result
@@ -136,41 +169,67 @@ class Relay:
 
     def _publish_rows(self, conn: Connection, rows: Sequence[Row[Any]], *,
                       commit_each: bool = False) -> BatchResult:
-        """Publish in order; delete what went. ``commit_each``: no batch transaction is open (lease)."""
-        published: list[int] = []
-        moved = 0
-        try:
-            for row in rows:
-                reason = self._publish(row)
-                if reason is None:
-                    published.append(row.id)
-                    if commit_each:
-                        self._delete(conn, [row.id])
-                        conn.commit()
-                else:
-                    self._move_aside(conn, row, reason)
-                    if commit_each:
-                        conn.commit()
-                    moved += 1
-        except RedisUnavailable as exc:
-            waiting = rows[len(published) + moved:]
-            t = outbox_table.c
-            conn.execute(update(outbox_table).where(t.id == waiting[0].id).values(
-                tries=t.tries + 1, last_error=str(exc)[:500]))
-            # Free the rest of a leased batch at once for whichever relay reaches Redis first.
-            conn.execute(update(outbox_table).where(t.id.in_([r.id for r in waiting]))
-                         .values(claim=None, claimed_until=None))
-            self._finish(conn, published, commit_each)
-            self._count(len(published), moved)
-            raise
-        self._finish(conn, published, commit_each)
-        self._count(len(published), moved)
-        return BatchResult(published=len(published), moved_aside=moved, seen=len(rows))
+        """Publish in order; delete what went, move aside what never can.
 
-    def _finish(self, conn: Connection, published: list[int], commit_each: bool) -> None:
-        if not commit_each and published:
-            self._delete(conn, published)
-        if commit_each:
+        ``commit_each``: no batch transaction is open (lease). A row whose publish fails with
+        an error no check foresaw is moved aside only once a later row went (the relay
+        works, so the row is what is wrong); when none did, the rows wait (PublishFailed).
+        """
+        batch = _Batch(commit_each)
+        for index, row in enumerate(rows):
+            try:
+                reason = self._publish(row)
+            except RedisUnavailable as exc:
+                self._wait(conn, batch, [r.id for r in rows[index:]], str(exc))
+                raise
+            except PublishFailed as exc:
+                batch.suspects.append((row, str(exc)))
+                continue
+            if reason is None:
+                self._published(conn, batch, row)
+            else:
+                self._move_aside(conn, row, reason)
+                batch.moved += 1
+                self._commit_each(conn, batch)
+        if batch.suspects:
+            error = batch.suspects[0][1]
+            self._wait(conn, batch, [], error)
+            raise PublishFailed(f"{error} ({len(batch.suspects)} rows wait)")
+        self._finish(conn, batch)
+        return BatchResult(published=len(batch.published), moved_aside=batch.moved, seen=len(rows))
+
+    def _published(self, conn: Connection, batch: _Batch, row: Row[Any]) -> None:
+        batch.published.append(row.id)
+        if batch.commit_each:
+            self._delete(conn, [row.id])
+        for suspect, error in batch.suspects:  # a later row went: these rows are what is wrong
+            self._move_aside(conn, suspect, f"{error} (the rows after it were published)")
+            batch.moved += 1
+        batch.suspects.clear()
+        self._commit_each(conn, batch)
+
+    def _wait(self, conn: Connection, batch: _Batch, waiting: list[int], error: str) -> None:
+        """The rows that could not go wait: the failed ones count a try (``waiting[0]`` failed
+        with ``error``); all are free at once for whichever relay can publish first. Then
+        what went is kept."""
+        failed = [(row.id, why) for row, why in batch.suspects] + [(id_, error) for id_ in waiting[:1]]
+        t = outbox_table.c
+        for row_id, why in failed:
+            conn.execute(update(outbox_table).where(t.id == row_id).values(
+                tries=t.tries + 1, last_error=why[:500]))
+        conn.execute(update(outbox_table).where(t.id.in_([i for i, _ in failed] + waiting))
+                     .values(claim=None, claimed_until=None))
+        self._finish(conn, batch)
+
+    def _finish(self, conn: Connection, batch: _Batch) -> None:
+        if not batch.commit_each and batch.published:
+            self._delete(conn, batch.published)
+        self._commit_each(conn, batch)
+        self._count(len(batch.published), batch.moved)
+
+    @staticmethod
+    def _commit_each(conn: Connection, batch: _Batch) -> None:
+        if batch.commit_each:
             conn.commit()
 
     def _delete(self, conn: Connection, ids: list[int]) -> None:
@@ -185,28 +244,29 @@ class Relay:
         from mipos_worker.order_tasks import publish_order
 
         try:
-            action = Action(row.action)
-            arguments = json.loads(row.arguments)
-            if not isinstance(arguments, dict):
-                raise ValueError(f"arguments: must be a JSON object, got {type(arguments).__name__}")
-            request = check_request(action, arguments)
-        except ValueError as exc:  # InvalidOrder, JSONDecodeError and a bad action are ValueErrors
+            message = read_message(row.task_id, row.action, row.arguments, row.age_s)
+        except Exception as exc:  # noqa: BLE001 - whatever the row holds: RecursionError, UnicodeError, ...
             return f"{type(exc).__name__}: {exc}"
         try:
             # The deadline counts from the commit: the row's age on the database's clock.
-            publish_order(action, request.body(), Stamps(), age_s=max(0.0, float(row.age_s or 0.0)),
-                          task_id=row.task_id)
+            publish_order(message.action, message.body, Stamps(), age_s=message.age_s,
+                          task_id=message.task_id)
         except PUBLISH_ERRORS as exc:
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
         return None
 
     def _move_aside(self, conn: Connection, row: Row[Any], reason: str) -> None:
-        conn.execute(insert(dead_table).values(
-            id=row.id, task_id=row.task_id, action=str(row.action)[:8], arguments=row.arguments,
-            created_at=row.created_at, moved_at=self.now, reason=reason[:2000]))
+        """Copied in SQL, byte for byte, whatever the row holds; then deleted."""
+        t = outbox_table.c
+        conn.execute(insert(dead_table).from_select(
+            ["id", "task_id", "action", "arguments", "created_at", "moved_at", "reason"],
+            select(t.id, t.task_id, t.action, t.arguments, t.created_at, self.now,
+                   literal(reason[:2000], Text())).where(t.id == row.id)))
         self._delete(conn, [row.id])
-        log(logger, logging.ERROR, "outbox_row_moved_aside", relay=self.name, row_id=row.id, task_id=row.task_id,
-                     action=row.action, reason=reason, table=dead_table.name)
+        log(logger, logging.ERROR, "outbox_row_moved_aside", relay=self.name, row_id=row.id,
+            task_id=shown(row.task_id), action=shown(row.action), reason=reason, table=dead_table.name)
 
     # -- backlog ------------------------------------------------------------------
 
