@@ -82,8 +82,9 @@ def deployment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sent
 
 def test_clients_follow_a_failover_and_log_it_once(deployment: SentinelCluster) -> None:
     from mipos_worker.state.connection import redis_from_url
-    from worker.state.topology import master_address, tracker
+    from worker.state.topology import follow_master_changes, master_address, tracker
 
+    follow_master_changes()  # as every worker process does (worker/wiring/runtime.py, celery_app.py)
     settings = load_producer_settings()
     client = redis_from_url(settings.url, timeout_s=2.0, retries=1)
     client.set("before", "1")
