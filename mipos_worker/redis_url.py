@@ -13,10 +13,15 @@ written once, on any of the URLs: kombu reads only the first URL's, so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
+# Why a URL whose host part ends early does not parse: said without quoting any of it.
+PASSWORD_BREAKS_URL = ("the part before '@' may hold a password with '/', '#' or '?'; "
+                       "percent-encode them (%2F, %23, %3F)")
+NOT_A_URL = ("it does not parse as a URL (a '[' or ']' outside an IPv6 address?); "
+             "percent-encode such characters in a password")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,31 @@ def query_items(query: str) -> list[tuple[str, str]]:
     return [(k, v) for k, _, v in (item.partition("=") for item in query.split("&") if item)]
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be read as one URL without guessing; None when it can.
+
+    ``urlsplit`` ends the host part at the first ``/``, ``#`` or ``?``: with one of
+    them unencoded in a password, the rest of the password and the host land in the
+    path, query or fragment, ``urlsplit(url).password`` is not the password, and the
+    URL must be neither used nor shown. The answer quotes nothing of the URL.
+    """
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return NOT_A_URL
+    if "@" in parts.path + parts.query + parts.fragment:
+        return PASSWORD_BREAKS_URL
+    return None
+
+
+def url_pieces(url: str) -> list[str]:
+    """The URLs REDIS_URL holds: one per Sentinel (joined by ';'), else the one URL (a ';' in
+    a redis:// URL belongs to it)."""
+    if is_sentinel_url(url):
+        return [piece.strip() for piece in url.split(";") if piece.strip()]
+    return [url.strip()]
+
+
 def parse_sentinel_url(url: str) -> tuple[SentinelTarget | None, list[str]]:
     """The target, or None and what is wrong (the password never appears in a problem)."""
     problems: list[str] = []
@@ -52,6 +82,11 @@ def parse_sentinel_url(url: str) -> tuple[SentinelTarget | None, list[str]]:
     query = ""
     for n, part in enumerate((p.strip() for p in url.split(";")), start=1):
         if not part:
+            continue
+        problem = url_problem(part)
+        if problem is not None:
+            problems.append(f"part {n} of REDIS_URL is not a valid URL: {problem} "
+                            "(and a ';' in a password splits the Sentinel URLs: write it %3B)")
             continue
         parts = urlsplit(part)
         if parts.scheme != SENTINEL_SCHEME:
@@ -99,14 +134,28 @@ def _host(host: str) -> str:
 
 
 def redis_url_passwords(url: str) -> list[str]:
-    """Every password written in REDIS_URL (one per Sentinel URL at most)."""
+    """Every password written in REDIS_URL (one per Sentinel URL at most), as written and
+    decoded, for the log redaction; also from a URL that does not parse (then guessed
+    generously: whatever stands between the first ':' after '://' and the last '@')."""
     found = []
-    for part in url.split(";"):
-        try:
-            password = urlsplit(part.strip()).password
-        except ValueError:
-            continue
+    for piece in url_pieces(url):
+        password = _password_as_written(piece)
         if password:
             found.append(password)
             found.append(unquote(password))
     return list(dict.fromkeys(found))
+
+
+def _password_as_written(url: str) -> str | None:
+    if url_problem(url) is None:
+        return urlsplit(url).password
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    return userinfo.partition(":")[2] or None
+
+
+def hide_password(parts: SplitResult) -> SplitResult:
+    """``parts`` with the password (if any) replaced by ``***``."""
+    if parts.password is None:
+        return parts
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}")

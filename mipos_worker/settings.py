@@ -14,13 +14,16 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from mipos_worker.redis_url import (
+    hide_password,
     is_sentinel_url,
     normalized_sentinel_url,
     parse_sentinel_url,
     redis_url_passwords,
+    url_pieces,
+    url_problem,
 )
 
 T = TypeVar("T")
@@ -35,6 +38,8 @@ DEFAULT_HISTORY_RETENTION_S = 3600
 # How a boolean setting may be written (any case).
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+# What url_without_password shows for a URL that does not parse.
+URL_NOT_SHOWN = "(a URL that does not parse: not shown)"
 CERT_REQS = {"required": "required", "cert_required": "required", "optional": "optional",
              "cert_optional": "optional", "none": "none", "cert_none": "none"}
 
@@ -161,14 +166,29 @@ class SettingsReader:
             return default == "true"
 
     def url(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        """The URL as written (for http, without a trailing '/'); its problems recorded."""
         text = self.raw(name, default) or default
+        self.check_url(name, text, schemes)
+        return text.rstrip("/") if "http" in schemes else text
+
+    def check_url(self, name: str, text: str, schemes: tuple[str, ...]) -> bool:
+        """Whether ``text`` is a URL of one of ``schemes`` with a host and a numeric port;
+        else a problem is recorded. A URL that does not parse is described, never quoted."""
+        problem = url_problem(text)
+        if problem is not None:
+            self.problems.append(f"{name} is not a valid URL: {problem}")
+            return False
         parts = urlsplit(text)
         if parts.scheme not in schemes or not parts.hostname:
             self.problems.append(
                 f"{name}={url_without_password(text)!r} must be a URL starting with "
                 + " or ".join(f"{s}://" for s in schemes)
             )
-        return text.rstrip("/") if "http" in schemes else text
+            return False
+        if not _port_is_a_number(parts):
+            self.problems.append(f"{name}={url_without_password(text)!r} has a port that is not a number")
+            return False
+        return True
 
     def check(self) -> None:
         if self.problems:
@@ -176,10 +196,20 @@ class SettingsReader:
 
 
 def url_without_password(url: str) -> str:
-    """The URL as it may be shown; every password of a ``;``-joined Sentinel URL hidden too."""
-    for password in redis_url_passwords(url):
-        url = url.replace(f":{password}@", ":***@")
-    return url
+    """The URL as it may be shown: every password (of each ``;``-joined Sentinel URL too)
+    replaced with ``***``. A URL that does not parse is not shown at all: where its
+    password ends cannot be told (url_problem)."""
+    pieces = url_pieces(url)
+    if any(url_problem(piece) is not None for piece in pieces):
+        return URL_NOT_SHOWN
+    return ";".join(urlunsplit(hide_password(urlsplit(piece))) for piece in pieces)
+
+
+def _port_is_a_number(parts: SplitResult) -> bool:
+    try:
+        return parts.port is None or parts.port >= 0
+    except ValueError:
+        return False
 
 
 def query_items_of(url: str) -> list[tuple[str, str]]:
@@ -233,36 +263,9 @@ def read_redis(reader: SettingsReader) -> RedisSettings:
     ack = reader.whole_number("REDIS_MIN_REPLICAS_ACK", "0")
     ack_timeout = reader.positive_float("REDIS_REPLICA_ACK_TIMEOUT_S", "1")
     if is_sentinel_url(text):
-        target, problems = parse_sentinel_url(text)
-        reader.problems.extend(problems)
-        if master is None:
-            reader.problems.append(
-                "REDIS_URL is a Sentinel URL (sentinel://) but REDIS_SENTINEL_MASTER is not set: "
-                "name the master the Sentinels monitor (e.g. REDIS_SENTINEL_MASTER=mymaster)")
-        if target is not None and target.tls:
-            # TLS to the Sentinels and to Redis: the check spelled out, as for rediss:// URLs.
-            verified = verified_redis_url("rediss://x/?" + target.query)
-            if ssl_cert_reqs(verified) is None:
-                reader.problems.append(
-                    "REDIS_URL has an ssl_cert_reqs that is not required, optional or none")
-            target = replace(target, query=urlsplit(verified).query)
-        url = normalized_sentinel_url(target) if target is not None else text
+        url = _read_sentinel_url(reader, text, master)
     else:
-        url = reader.url("REDIS_URL", DEFAULT_REDIS_URL, ("redis", "rediss"))
-        if urlsplit(url).scheme in ("redis", "rediss") and ";" in url:
-            reader.problems.append(
-                "REDIS_URL lists several URLs: only Sentinel URLs (sentinel://) may be joined with ';'")
-        if urlsplit(url).scheme == "rediss" and ssl_cert_reqs(url) is None:
-            reader.problems.append(
-                f"REDIS_URL={url_without_password(url)!r} has an ssl_cert_reqs that is not "
-                "required, optional or none")
-        for name, value in (("REDIS_SENTINEL_MASTER", master),
-                            ("REDIS_SENTINEL_PASSWORD", sentinel_password)):
-            if value is not None:
-                reader.problems.append(
-                    f"{name} is set but REDIS_URL is not a Sentinel URL: use "
-                    "REDIS_URL=sentinel://host1:26379;sentinel://host2:26379/0, or unset " + name)
-        url = verified_redis_url(url)
+        url = _read_single_url(reader, text, master, sentinel_password)
     return RedisSettings(
         url=url,
         key_prefix=reader.raw("MIPOS_REDIS_PREFIX", "mipos:") or "mipos:",
@@ -271,6 +274,50 @@ def read_redis(reader: SettingsReader) -> RedisSettings:
         min_replicas_ack=ack,
         replica_ack_timeout_s=ack_timeout,
     )
+
+
+def _read_sentinel_url(reader: SettingsReader, text: str, master: str | None) -> str:
+    """The Sentinel URLs, each spelled out in full (normalized_sentinel_url)."""
+    target, problems = parse_sentinel_url(text)
+    reader.problems.extend(problems)
+    if master is None:
+        reader.problems.append(
+            "REDIS_URL is a Sentinel URL (sentinel://) but REDIS_SENTINEL_MASTER is not set: "
+            "name the master the Sentinels monitor (e.g. REDIS_SENTINEL_MASTER=mymaster)")
+    if target is None:
+        return text
+    if target.tls:
+        # TLS to the Sentinels and to Redis: the check spelled out, as for rediss:// URLs.
+        verified = verified_redis_url("rediss://x/?" + target.query)
+        if ssl_cert_reqs(verified) is None:
+            reader.problems.append(
+                "REDIS_URL has an ssl_cert_reqs that is not required, optional or none")
+        target = replace(target, query=urlsplit(verified).query)
+    return normalized_sentinel_url(target)
+
+
+def _read_single_url(reader: SettingsReader, text: str, master: str | None,
+                     sentinel_password: str | None) -> str:
+    """One redis:// or rediss:// URL, its certificate check spelled out (verified_redis_url)."""
+    for name, value in (("REDIS_SENTINEL_MASTER", master),
+                        ("REDIS_SENTINEL_PASSWORD", sentinel_password)):
+        if value is not None:
+            reader.problems.append(
+                f"{name} is set but REDIS_URL is not a Sentinel URL: use "
+                "REDIS_URL=sentinel://host1:26379;sentinel://host2:26379/0, or unset " + name)
+    if not reader.check_url("REDIS_URL", text, ("redis", "rediss")):
+        return text
+    if ";" in text:
+        # kombu would split it there into several URLs, the password too.
+        reader.problems.append(
+            "REDIS_URL holds a ';': only Sentinel URLs (sentinel://) may be joined with ';', "
+            "and a ';' in a password must be percent-encoded (%3B)")
+        return text
+    if urlsplit(text).scheme == "rediss" and ssl_cert_reqs(text) is None:
+        reader.problems.append(
+            f"REDIS_URL={url_without_password(text)!r} has an ssl_cert_reqs that is not "
+            "required, optional or none")
+    return verified_redis_url(text)
 
 
 _loaded: dict[Callable[..., Any], tuple[dict[str, str | None], Any]] = {}
