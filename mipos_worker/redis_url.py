@@ -13,7 +13,7 @@ written once, on any of the URLs: kombu reads only the first URL's, so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import SplitResult, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -121,10 +121,15 @@ def parse_sentinel_url(url: str) -> tuple[SentinelTarget | None, list[str]]:
 
 def normalized_sentinel_url(target: SentinelTarget) -> str:
     """Every Sentinel's URL with the credentials, the database and the query: kombu
-    takes these from the first URL only, and moves to the next when one is down."""
+    takes these from the first URL only, and moves to the next when one is down.
+
+    The target holds the credentials decoded: they are percent-encoded again here,
+    every character but letters, digits and ``_.-~``, so that a ``/``, ``;``, ``#`` or
+    ``%`` in them reaches kombu, redis-py and parse_sentinel_url as written, decoded
+    once by whoever reads the URL."""
     auth = ""
     if target.password is not None or target.username is not None:
-        auth = f"{target.username or ''}:{target.password or ''}@"
+        auth = f"{quote(target.username or '', safe='')}:{quote(target.password or '', safe='')}@"
     suffix = f"/{target.db}" + (f"?{target.query}" if target.query else "")
     return ";".join(f"{SENTINEL_SCHEME}://{auth}{_host(h)}:{p}{suffix}" for h, p in target.sentinels)
 
