@@ -13,7 +13,8 @@ from cli.output import CliError, ago, emit_json, key_values, printable, table, w
 from cli.progress import Progress
 
 if TYPE_CHECKING:
-    from worker.state.deadletters import DeadLetters
+    from worker.ops.replay import Replay
+    from worker.state.deadletters import DeadLetter, DeadLetters
 
 
 def _dead_letters() -> DeadLetters:
@@ -80,8 +81,6 @@ def cmd_dead_show(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_replay(args: argparse.Namespace) -> int:
-    from worker.ops.replay import replay_dead_letter
-
     store = _dead_letters()
     if args.id:
         if args.reason or args.store:
@@ -100,7 +99,7 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
     progress = Progress("replay", total=len(letters), enabled=bool(args.all) and not args.quiet)
     results = []
     for letter in letters:
-        result = replay_dead_letter(letter)
+        result = _replay(letter)
         results.append(result)
         progress.advance(outcome=result.result)
     progress.finish()
@@ -119,6 +118,19 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
             print("; ".join(f"{n} {k.replace('_', ' ')}" for k, n in sorted(counts.items())))
     refused = any(r.result == "not_replayable" for r in results)
     return EXIT_FAILED if refused and not args.all else EXIT_OK
+
+
+def _replay(letter: DeadLetter) -> Replay:
+    """Replay one letter; one whose arguments today's checks refuse (a letter written before
+    the field limits) is not replayable, like an ``invalid`` one, instead of ending the run."""
+    from mipos_worker.order.errors import InvalidOrder
+    from worker.ops.replay import Replay, replay_dead_letter
+
+    try:
+        return replay_dead_letter(letter)
+    except InvalidOrder as exc:
+        return Replay(letter, "not_replayable", f"not replayable: {exc}; enqueue a corrected "
+                                                "order instead")
 
 
 def cmd_dead_purge(args: argparse.Namespace) -> int:

@@ -95,7 +95,7 @@ class OrderTask(Task):
         age_s = float(options.pop("age_s", 0.0) or 0.0)
         options["task_id"] = options.get("task_id") or str(uuid.uuid4())
         body = request.body()
-        options["kwargsrepr"] = repr(body)  # what Flower shows: the order, not our stamps
+        options["kwargsrepr"] = shown_arguments(body)  # what Flower shows: the order, not our stamps
         settings = load_producer_settings()
         client = self._producer_redis(options)
         enqueued_at = self._register(client, settings, options, body, stamps, age_s)
@@ -149,6 +149,21 @@ class OrderTask(Task):
                 enqueued_at=stamps.enqueued_at, age_s=age_s)
         except redis.RedisError as exc:
             raise OperationalError(f"cannot reach Redis to enqueue {self.name}: {exc}") from exc
+
+
+SHOWN_VALUE_CHARS = 200  # of each argument, in what Flower shows of a task: ids fit whole
+SHOWN_MAX_CHARS = 1024  # of all of it: the bound Celery sets itself (app.amqp.kwargsrepr_maxsize)
+
+
+def shown_arguments(body: dict[str, str]) -> str:
+    """The task's ``kwargsrepr``: Flower keeps it for each of up to 10,000 tasks, so each value
+    is cut at ``SHOWN_VALUE_CHARS`` and the whole at ``SHOWN_MAX_CHARS``."""
+    shown = repr({name: _cut(value, SHOWN_VALUE_CHARS) for name, value in body.items()})
+    return _cut(shown, SHOWN_MAX_CHARS)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @functools.lru_cache(maxsize=16)

@@ -25,6 +25,12 @@ class Action(StrEnum):
 
 ORDER_FIELDS = ("delivery_id", "store_id", "order_external_id")
 
+# mipos documents no sizes (docs/, /work/shared/mipos-api.md): its ids are UUIDs (36 characters)
+# and small integers, and a deny's message is a sentence. Generous bounds all the same: an id
+# is part of Redis key names, log lines and what Flower keeps of every task (up to 10,000).
+MAX_ID_CHARS = 200
+MAX_MESSAGE_CHARS = 1000
+
 
 def order_key(store_id: Any, order_external_id: Any) -> str:
     """Identifies an order at mipos: one store's external id (also in Redis key names).
@@ -72,17 +78,41 @@ def _as_id(field: str, value: Any) -> str:
     if isinstance(value, bool):
         raise InvalidOrder(field, f"must be a non-empty string or an integer, got {value!r}")
     if isinstance(value, int):
-        return str(value)
+        return _int_id(field, value)
     if isinstance(value, str):
         if not value.strip():
             raise InvalidOrder(field, "must not be empty")
-        _refuse_unprintable(field, value.strip())
-        return value.strip()
+        return _checked_text(field, value, MAX_ID_CHARS)
     if value is None:
         raise InvalidOrder(field, "is required")
     raise InvalidOrder(
         field, f"must be a non-empty string or an integer, got {type(value).__name__}"
     )
+
+
+def _int_id(field: str, value: int) -> str:
+    """An integer id as its digits; one too big to print them (Python refuses past 4300) is
+    refused by its size: past 800 bits it has more than 200 digits anyway."""
+    if value.bit_length() > 4 * MAX_ID_CHARS:
+        raise InvalidOrder(field, f"must be at most {MAX_ID_CHARS} characters "
+                                  f"(got an integer of {value.bit_length()} bits)")
+    digits = str(value)
+    _refuse_longer(field, digits, MAX_ID_CHARS)
+    return digits
+
+
+def _checked_text(field: str, value: str, limit: int) -> str:
+    """``value`` trimmed, once it is at most ``limit`` characters with no control character."""
+    text = value.strip()
+    _refuse_longer(field, text, limit)
+    _refuse_unprintable(field, text)
+    return text
+
+
+def _refuse_longer(field: str, text: str, limit: int) -> None:
+    """The error names the limit and the length, never the value (it may be megabytes)."""
+    if len(text) > limit:
+        raise InvalidOrder(field, f"must be at most {limit} characters (got {len(text)})")
 
 
 def _refuse_unprintable(field: str, value: str) -> None:
@@ -113,10 +143,15 @@ def parse_order_request(action: Action, arguments: dict[str, Any]) -> OrderReque
         if raw is None:
             raise InvalidOrder("message", "is required for a deny")
         if not isinstance(raw, str) or not raw.strip():
-            raise InvalidOrder("message", f"must be a non-empty string, got {raw!r}")
-        message = raw.strip()
-        _refuse_unprintable("message", message)  # one line of text: no newline or tab inside
+            raise InvalidOrder("message", f"must be a non-empty string, got {_short_repr(raw)}")
+        message = _checked_text("message", raw, MAX_MESSAGE_CHARS)  # one line: no newline or tab inside
     return OrderRequest(action=action, order=order, message=message)
+
+
+def _short_repr(value: Any) -> str:
+    """A wrong value as an error message quotes it: cut, as it may be huge (a list, a dict)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def named_arguments(action: Action, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
