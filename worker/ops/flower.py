@@ -8,10 +8,18 @@ without echoing a password) and the ``mipos_*`` metrics are added to Flower's
 Environment:
 
 ``FLOWER_BASIC_AUTH``
-    ``user:password``, or several separated by commas (spaces around the commas
-    are ignored; a password cannot contain a comma). Required, unless
-    ``FLOWER_LOCAL`` is true. Flower reads it from the environment itself, so
-    it appears on no command line and in no log line.
+    ``user:password``, or several separated by a comma and a space
+    (``ops:pw1, viewer:pw2``). A password cannot contain a comma: Flower splits
+    at every comma, so ``admin:pa,ss:w0rd`` would be the two logins
+    ``admin:pa`` and ``ss:w0rd``; a comma with no space after it is refused.
+    Either this or ``FLOWER_BASIC_AUTH_FILE`` is required, unless
+    ``FLOWER_LOCAL`` is true. It appears on no command line and in no log line.
+``FLOWER_BASIC_AUTH_FILE``
+    the path of a file of users, one ``user:password`` per line (blank lines and
+    lines starting with ``#`` are skipped; spaces around a line are ignored).
+    A password there may contain commas. Setting both this and
+    ``FLOWER_BASIC_AUTH`` is refused; an error about the file names the variable
+    and the line number, never the file's content.
 ``FLOWER_LOCAL``
     ``1``/``true``/``yes``/``on``: allowed to run without ``FLOWER_BASIC_AUTH``;
     then Flower has no authentication at all and listens on 127.0.0.1 only,
@@ -64,6 +72,8 @@ import os
 import re
 import sys
 from collections.abc import MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 from celery import states
@@ -82,6 +92,10 @@ DEFAULTS = {
 BEARER = re.compile(r"(Bearer\s+)[^\s'\",}]+", re.IGNORECASE)
 RETRY_LINE = "celery.exceptions.Retry: "
 RETRY_DELAY = re.compile(r"^Retry in (\d+(?:\.\d+)?)s")
+USERS_VARIABLE = "FLOWER_BASIC_AUTH"
+USERS_FILE_VARIABLE = "FLOWER_BASIC_AUTH_FILE"
+AUTH_FORMAT = "FLOWER_BASIC_AUTH must be user:password[,user:password...]"
+BARE_COMMA = re.compile(r",(?!\s)")
 
 
 class ConfigError(Exception):
@@ -93,14 +107,80 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+@dataclass(frozen=True)
+class FlowerSettings:
+    """What ``configure`` checked: where Flower listens, and its users (none: no authentication)."""
+
+    address: str
+    port: int
+    users: tuple[str, ...]
+
+
+def is_user_password(entry: str) -> bool:
+    user, colon, password = entry.partition(":")
+    return bool(user and colon and password)
+
+
 def parse_basic_auth(value: str) -> list[str]:
-    """The ``user:password`` entries, or ConfigError (whose text never holds a password)."""
+    """FLOWER_BASIC_AUTH's ``user:password`` entries, or ConfigError (whose text never holds a password).
+
+    Flower would split the value at every comma, so a password holding one became two
+    logins that nobody meant (``admin:pa,ss:w0rd``: ``admin:pa`` and ``ss:w0rd``). A list
+    is written with a comma and a space; a comma with no space after it is refused.
+    """
     entries = [entry.strip() for entry in value.split(",")]
-    for entry in entries:
-        user, colon, password = entry.partition(":")
-        if not (user and colon and password):
-            raise ConfigError("FLOWER_BASIC_AUTH must be user:password[,user:password...]")
+    if not all(is_user_password(entry) for entry in entries):
+        raise ConfigError(AUTH_FORMAT)
+    if BARE_COMMA.search(value):
+        raise ConfigError(
+            f"{USERS_VARIABLE} has a comma with no space after it: Flower splits at every comma, so a "
+            "password cannot contain one (it would become two other logins); separate several users "
+            f"with ', ', or list them in {USERS_FILE_VARIABLE}, one user:password per line")
     return entries
+
+
+def read_users_file(path: str) -> list[str]:
+    """The ``user:password`` lines of FLOWER_BASIC_AUTH_FILE; errors name the line, never its text."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{USERS_FILE_VARIABLE}={path!r} cannot be read "
+                          f"({exc.strerror or type(exc).__name__})") from None
+    users = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        text = line.strip()
+        if not text or text.startswith(b"#"):
+            continue
+        users.append(users_file_entry(text, number))
+    if not users:
+        raise ConfigError(f"{USERS_FILE_VARIABLE}={path!r} has no user:password line")
+    return users
+
+
+def users_file_entry(line: bytes, number: int) -> str:
+    """One line of the users file, checked."""
+    try:
+        entry = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{USERS_FILE_VARIABLE}, line {number}: not UTF-8 text") from None
+    if not is_user_password(entry):
+        raise ConfigError(f"{USERS_FILE_VARIABLE}, line {number}: must be user:password")
+    return entry
+
+
+def configured_users(environ: MutableMapping[str, str]) -> list[str]:
+    """The users from FLOWER_BASIC_AUTH or FLOWER_BASIC_AUTH_FILE (not both); [] when neither is set.
+
+    Both variables leave ``environ``: Flower reads every ``FLOWER_*`` variable itself, would
+    split the first at its commas again and stop at the second (not one of its options).
+    """
+    value = environ.pop(USERS_VARIABLE, "").strip()
+    path = environ.pop(USERS_FILE_VARIABLE, "").strip()
+    if value and path:
+        raise ConfigError(f"both {USERS_VARIABLE} and {USERS_FILE_VARIABLE} are set: set only one")
+    if path:
+        return read_users_file(path)
+    return parse_basic_auth(value) if value else []
 
 
 def parse_bool(name: str, value: str) -> bool:
@@ -124,27 +204,24 @@ def parse_port(value: str) -> int:
     return port
 
 
-def configure(environ: MutableMapping[str, str]) -> tuple[str, int, bool]:
-    """Check the settings and prepare the environment Flower reads; (address, port, unauthenticated)."""
+def configure(environ: MutableMapping[str, str]) -> FlowerSettings:
+    """Check the settings and prepare the environment Flower reads."""
     local = parse_bool("FLOWER_LOCAL", environ.get("FLOWER_LOCAL", ""))
     port = parse_port(environ.get("PORT", "").strip() or "5555")
     address = environ.get("FLOWER_ADDRESS", "").strip() or DEFAULT_ADDRESS
-    auth = environ.get("FLOWER_BASIC_AUTH", "").strip()
-    if auth:
-        environ["FLOWER_BASIC_AUTH"] = ",".join(parse_basic_auth(auth))
-    elif local:
-        # An empty FLOWER_BASIC_AUTH would reach Flower as [''] and lock everyone out.
-        environ.pop("FLOWER_BASIC_AUTH", None)
-        address = "127.0.0.1"
-    else:
+    users = configured_users(environ)
+    if not users and not local:
         raise ConfigError(
-            "FLOWER_BASIC_AUTH is not set: set it to user:password (several: comma-separated), "
-            "or set FLOWER_LOCAL=true to run without authentication on 127.0.0.1 only"
+            f"FLOWER_BASIC_AUTH is not set: set it to user:password (several: ', '-separated), or "
+            f"{USERS_FILE_VARIABLE} to a file of user:password lines, or set FLOWER_LOCAL=true to run "
+            "without authentication on 127.0.0.1 only"
         )
+    if not users:
+        address = "127.0.0.1"
     for name, value in DEFAULTS.items():
         if not environ.get(name):
             environ[name] = value
-    return address, port, local and not auth
+    return FlowerSettings(address, port, tuple(users))
 
 
 def scrub(text: str) -> str:
@@ -198,15 +275,17 @@ class RetryAwareTask(CeleryTask):  # type: ignore[misc]  # celery has no type hi
             self.state = states.RETRY
 
 
-def run_flower(address: str, port: int) -> int:
+def run_flower(settings: FlowerSettings) -> int:
     from celery.bin.celery import celery as celery_command
     from flower.events import EventsState
     from flower.options import options  # defines Flower's options before we set one
 
     options.format_task = make_task_formatter()
     EventsState.Task = RetryAwareTask  # Celery's State makes its tasks from this attribute
-    # The credentials stay in FLOWER_BASIC_AUTH, where Flower reads them.
-    args = ["-A", "worker", "flower", f"--address={address}", f"--port={port}"]
+    if settings.users:
+        # Set here, not through FLOWER_BASIC_AUTH: on no command line, and never split at a comma.
+        options.basic_auth = list(settings.users)
+    args = ["-A", "worker", "flower", f"--address={settings.address}", f"--port={settings.port}"]
     try:
         celery_command.main(args=args, prog_name="celery", standalone_mode=True)
     except SystemExit as exc:
@@ -216,7 +295,7 @@ def run_flower(address: str, port: int) -> int:
 
 def main() -> int:
     try:
-        address, port, unauthenticated = configure(os.environ)
+        settings = configure(os.environ)
     except ConfigError as exc:
         fail(str(exc))
     from config import broker_settings_problems
@@ -224,14 +303,14 @@ def main() -> int:
     problems = broker_settings_problems()
     if problems:
         fail("; ".join(problems))
-    if unauthenticated:
+    if not settings.users:
         print(f"{PROG}: warning: FLOWER_LOCAL is set and FLOWER_BASIC_AUTH is not: Flower runs "
-              f"WITHOUT authentication, on 127.0.0.1:{port} only", file=sys.stderr, flush=True)
+              f"WITHOUT authentication, on 127.0.0.1:{settings.port} only", file=sys.stderr, flush=True)
 
     from worker.ops.metrics import register_prometheus_collector
 
     register_prometheus_collector()
-    return run_flower(address, port)
+    return run_flower(settings)
 
 
 if __name__ == "__main__":
