@@ -24,6 +24,16 @@ def _fault_rate(text: str) -> tuple[str, float]:
     return name, value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-negative number of seconds")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The sandbox's options, shared by ``python -m sandbox`` and ``mipos-worker sandbox``."""
     parser.add_argument("--host", default="127.0.0.1")
@@ -37,6 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(e.g. the documented 1585815796)")
     parser.add_argument("--timeout-delay-s", type=float, default=15.0,
                         help="how long a 'timeout' fault holds the answer (default 15)")
+    parser.add_argument("--timeout-land-after-s", type=_non_negative, default=None, metavar="S",
+                        help="a 'timeout' fault lands (mipos applies it) S seconds after the "
+                             "request arrived, before or after its answer (default: when the "
+                             "answer goes, at --timeout-delay-s)")
+    parser.add_argument("--strict", action="store_true",
+                        help="an accept or deny of an order that is not pending (already "
+                             "accepted or denied, never delivered, older than 10 minutes) answers "
+                             "409 Order not found. and changes nothing; default: lenient, 200. "
+                             "A modelling choice: mipos's documentation does not say which")
     parser.add_argument("--fault-rate", type=_fault_rate, action="append", default=[],
                         metavar="NAME=RATE",
                         help=f"a random fault on that share of accepts/denies; NAME one of "
@@ -50,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--fast", action="store_true",
                         help="the fast serving mode for benchmarks (sandbox/fast.py): token, refresh, "
-                             "accept and deny only, no faults")
+                             "accept and deny only, no faults (--strict works)")
     return serve(parser.parse_args(argv))
 
 
@@ -59,7 +78,7 @@ def serve(options: argparse.Namespace) -> int:
         from sandbox.fast import serve_fast
 
         return serve_fast(options.host, options.port, dict(SANDBOX_CREDENTIALS),
-                          options.token_ttl_s, options.latency_ms)
+                          options.token_ttl_s, options.latency_ms, strict=options.strict)
     fault_rates = dict(options.fault_rate)
     config = SandboxConfig(
         token_ttl_s=options.token_ttl_s,
@@ -68,6 +87,8 @@ def serve(options: argparse.Namespace) -> int:
         fault_rates=fault_rates,
         timeout_delay_s=options.timeout_delay_s,
         expires_in_fixed=options.expires_in_fixed,
+        strict=options.strict,
+        timeout_land_after_s=options.timeout_land_after_s,
         credentials=dict(SANDBOX_CREDENTIALS),
     )
     try:

@@ -47,7 +47,9 @@ class SandboxControl:
 
     def config(self, **settings: Any) -> dict[str, Any]:
         """Change any of token_ttl_s, latency_ms, expires_in_format, expires_in_fixed,
-        fault_rates, timeout_delay_s; returns the whole config."""
+        fault_rates, timeout_delay_s, timeout_land_after_s (None: land when answering),
+        strict (True: 409 Order not found. for an order not pending; see sandbox/server.py);
+        returns the whole config. The fast sandbox takes latency_ms, token_ttl_s, strict."""
         return dict(self._call("POST", "config", body=settings))
 
     def expire_token(self) -> None:
@@ -81,6 +83,10 @@ class SandboxControl:
 
     def requests(self, order_external_id: str | None = None,
                  path: str | None = None) -> list[dict[str, Any]]:
+        """The log of API requests, oldest first: ``time`` (arrival), ``status`` (answered;
+        None: not, or not yet), ``landed_at``/``landed_status``/``applied`` (when the call
+        reached mipos's logic, what that gave, whether it changed the order), ``seq``,
+        ``method``, ``path``, ``authorization``, ``body``, ``token_valid``, ``fault``."""
         params = {"order_external_id": order_external_id, "path": path}
         return list(self._call("GET", "requests", params=params)["requests"])
 

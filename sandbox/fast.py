@@ -6,12 +6,20 @@ measures. The semantics a worker sees are the same for the calls it makes on the
 happy path: the token call hands back the current token and never rotates it,
 refresh rotates, accept and deny need a valid bearer token (401 ``Unauthorized.``
 otherwise), need their fields as strings (422), and answer success. The fault
-machinery and the pending list are left out.
+machinery and the pending list's API call are left out.
+
+Strict mode (``--strict``, config ``strict``) is the full sandbox's: an accept or
+deny of an order that is not pending (never delivered through ``/_sandbox/deliver``,
+already accepted or denied, older than the 10-minute window) answers 409
+``Order not found.`` and changes nothing. A modelling choice, as there: mipos's
+documentation does not say what such a call gets. Each accept or deny costs one
+dict operation on the pending orders in either mode (popping its key).
 
 Controls: ``GET /_sandbox/health``, ``POST /_sandbox/reset``, ``POST /_sandbox/config``
-(``latency_ms``, ``token_ttl_s``), ``GET /_sandbox/stats`` (counters only, O(1),
-cheap enough to poll during a measured run) and ``GET /_sandbox/requests``
-(accept/deny requests: time of arrival, path, status, body), to read afterwards.
+(``latency_ms``, ``token_ttl_s``, ``strict``), ``POST /_sandbox/deliver`` (as the full
+sandbox's), ``GET /_sandbox/stats`` (counters only, O(1), cheap enough to poll
+during a measured run) and ``GET /_sandbox/requests`` (accept/deny requests: time
+of arrival, path, status, body), to read afterwards.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from sandbox.server import (
     DENY_FIELDS,
     DENY_PATH,
     ORDER_FIELDS,
+    ORDER_NOT_FOUND,
+    PENDING_WINDOW_S,
     REFRESH_FIELDS,
     REFRESH_PATH,
     SUCCESS,
@@ -38,6 +48,7 @@ from sandbox.server import (
     bearer_of,
     client_problem,
     conflict,
+    delivered_order,
     missing_fields,
     order_field_errors,
 )
@@ -51,13 +62,15 @@ REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
 
 
 class FastState:
-    def __init__(self, credentials: dict[str, str], token_ttl_s: float, latency_ms: float) -> None:
+    def __init__(self, credentials: dict[str, str], token_ttl_s: float, latency_ms: float,
+                 strict: bool = False) -> None:
         self.credentials = credentials
-        self.initial = (token_ttl_s, latency_ms)
+        self.initial = (token_ttl_s, latency_ms, strict)
         self.clear()
 
     def clear(self) -> None:
-        self.token_ttl_s, self.latency_ms = self.initial
+        self.token_ttl_s, self.latency_ms, self.strict = self.initial
+        self.pending: dict[str, float] = {}  # "store/order" -> when it was created (Unix time)
         self.token: str | None = None
         self.token_expires_at = 0.0
         self.accepted: set[str] = set()
@@ -111,6 +124,9 @@ class FastState:
         if errors:
             return 422, errors
         key = f"{body['store_id']}/{body['order_external_id']}"
+        created = self.pending.pop(key, None)  # the one lookup strict mode costs
+        if self.strict and (created is None or now - created >= PENDING_WINDOW_S):
+            return conflict(ORDER_NOT_FOUND)
         (self.denied if deny else self.accepted).add(key)
         return 200, SUCCESS
 
@@ -132,13 +148,13 @@ class FastState:
             self.clear()
             return 200, {"ok": True}
         if (method, name) == ("POST", "config"):
-            changes = body if isinstance(body, dict) else {}
-            for key, value in changes.items():
-                if key not in ("latency_ms", "token_ttl_s") or not isinstance(value, (int, float)) \
-                        or value < 0:
-                    return 400, {"error": f"the fast sandbox takes latency_ms and token_ttl_s, not {key!r}"}
-                setattr(self, key, float(value))
-            return 200, {"latency_ms": self.latency_ms, "token_ttl_s": self.token_ttl_s}
+            return self.configure(body if isinstance(body, dict) else {})
+        if (method, name) == ("POST", "deliver"):
+            order = delivered_order(body if isinstance(body, dict) else {})
+            if isinstance(order, str):
+                return 400, {"error": order}
+            self.pending[f"{order['store_id']}/{order['external_id']}"] = order["_created"]
+            return 200, {"ok": True}
         if (method, name) == ("GET", "requests"):
             wanted = parse_qs(query)
             path = wanted["path"][0] if wanted.get("path") else None
@@ -148,6 +164,21 @@ class FastState:
                 if (path is None or p == path)
                 and (order is None or (isinstance(b, dict) and b.get("order_external_id") == order))]}
         return 404, {"error": f"no control endpoint {method} {CONTROL_PREFIX}{name} in the fast sandbox"}
+
+    def configure(self, changes: dict[str, Any]) -> Answer:
+        """``POST /_sandbox/config``: all the changes or, if one is bad, none."""
+        for key, value in changes.items():
+            if key == "strict":
+                if not isinstance(value, bool):
+                    return 400, {"error": "strict must be true or false"}
+            elif key not in ("latency_ms", "token_ttl_s") or isinstance(value, bool) \
+                    or not isinstance(value, (int, float)) or value < 0:
+                return 400, {"error": "the fast sandbox takes latency_ms and token_ttl_s "
+                                      f"(non-negative numbers) and strict, not {key!r}={value!r}"}
+        for key, value in changes.items():
+            setattr(self, key, value if key == "strict" else float(value))
+        return 200, {"latency_ms": self.latency_ms, "token_ttl_s": self.token_ttl_s,
+                     "strict": self.strict}
 
     def answer(self, method: str, target: str, headers: dict[str, str], raw: bytes,
                arrived: float) -> Answer:
@@ -258,9 +289,10 @@ async def _serve_forever(host: str, port: int, state: FastState) -> None:
 
 
 def serve_fast(host: str, port: int, credentials: dict[str, str], token_ttl_s: float,
-               latency_ms: float) -> int:
+               latency_ms: float, strict: bool = False) -> int:
     try:
-        asyncio.run(_serve_forever(host, port, FastState(credentials, token_ttl_s, latency_ms)))
+        asyncio.run(_serve_forever(host, port, FastState(credentials, token_ttl_s, latency_ms,
+                                                         strict)))
     except OSError as exc:
         print(f"sandbox mipos: cannot listen on {host}:{port}: {exc}", flush=True)
         return 1

@@ -21,7 +21,41 @@ to send, ``raw_body`` a non-JSON text, else a body typical of the status),
 word, nothing done), ``apply: false`` (do nothing, then drop), ``trickle_s`` (send
 the status line and headers, then the body one byte every ``trickle_s`` seconds),
 ``reset`` (read the request, do it unless ``apply`` is false, then reset the
-connection: an RST, not a FIN), and ``times`` (how many requests it hits, -1: all).
+connection: an RST, not a FIN), ``land_after_s`` (below) and ``times`` (how many
+requests it hits, -1: all).
+
+Landing. A request *lands* when mipos applies it (the order is accepted or
+denied, or refused: see strict mode). Without ``land_after_s`` a request lands
+when its ``delay_s`` ends and is answered right after; a ``drop``, a ``status``
+or ``apply: false`` never lands. ``land_after_s`` (accept/deny faults only)
+lands it that many seconds after it *arrived* (the log entry's ``time``),
+whether and whenever it is answered: ``{"delay_s": 5, "land_after_s": 2}`` lands
+at 2 s and answers at 5 s with what the landing gave; ``{"land_after_s": 2,
+"drop": true}`` closes the connection at once and lands at 2 s; with ``status``
+or ``reset`` the fault's answer goes out at ``delay_s`` and the request lands
+anyway. A landing later than the answer happens in a timer thread, and the
+answer is then the one the request *would* get landing at answer time (200 when
+lenient; when strict, 409 ``Order not found.`` unless the order is pending at
+answer time); it lands later anyway. ``land_after_s`` with ``apply: false`` is
+refused. The config key ``timeout_land_after_s`` gives the random ``timeout``
+fault a ``land_after_s`` (null: it lands when ``timeout_delay_s`` ends). A reset
+(``/_sandbox/reset``) cancels the timer landings still waiting. Each log entry
+(``/_sandbox/requests``) says when the request landed (``landed_at``, a Unix
+time, null if it has not or never will), what the landing answered
+(``landed_status``) and whether it changed the order (``applied``; for token,
+refresh and pending-list calls: whether they answered 200).
+
+Strict mode (config ``strict``, ``python -m sandbox --strict``). mipos's
+documentation does not say what an accept or deny of an order it no longer
+lists gets back: an order already accepted or denied, one never delivered, or
+one older than the 10-minute pending window. Answering it is a *modelling
+choice*, not documented behaviour. Lenient (the default) answers 200 and counts
+it again, as before. Strict answers ``409 {"message": ["Order not found."],
+"data": null}`` (the documented permanent answer that fits) and changes nothing.
+So under strict mode only an order put in the pending list (``/_sandbox/deliver``)
+can be accepted or denied, once: the first accept or deny succeeds and removes
+it from the list; any later one is ``Order not found.``. The decision is taken
+when the request lands (the order must still be pending then).
 """
 
 from __future__ import annotations
@@ -61,16 +95,17 @@ DENY_FIELDS = ORDER_FIELDS + ("message",)
 EXPIRES_IN_FORMATS = ("absolute", "relative", "missing")
 UNAUTHORIZED = "Unauthorized."
 SUCCESS = {"message": ["Operation completed successfully"], "data": None}
+ORDER_NOT_FOUND = "Order not found."  # strict mode's answer to an order mipos no longer lists
 
 # What each kind of `fault_rates` entry does to an accept/deny request.
 RANDOM_FAULTS: dict[str, dict[str, Any]] = {
     "unable_to_get_token": {"status": 409, "message": "Unable to get token."},
     "http_500": {"status": 500, "message": "Server Error"},
-    "timeout": {},  # delay_s filled in from config.timeout_delay_s
+    "timeout": {},  # delay_s from config.timeout_delay_s, land_after_s from timeout_land_after_s
     "drop": {"drop": True},
 }
 FAULT_KEYS = {"status", "message", "body", "raw_body", "retry_after", "delay_s", "drop",
-              "times", "apply", "trickle_s", "reset"}
+              "times", "apply", "trickle_s", "reset", "land_after_s"}
 CALL_TARGETS = ("token", "refresh")  # fault targets besides order:<id> and pending:<store_id>
 
 Json = Any
@@ -86,6 +121,8 @@ class SandboxConfig:
     timeout_delay_s: float = 15.0
     credentials: dict[str, str] = field(default_factory=dict)
     expires_in_fixed: str | None = None  # when set, every token answer says exactly this
+    strict: bool = False  # 409 Order not found. for an order no longer pending (module docstring)
+    timeout_land_after_s: float | None = None  # the random timeout lands then; None: when it answers
 
     def copy(self) -> SandboxConfig:
         return SandboxConfig(**{**asdict(self), "fault_rates": dict(self.fault_rates),
@@ -162,8 +199,8 @@ def client_problem(credentials: dict[str, str], body: dict[str, Any]) -> Answer 
     return None
 
 
-def fault_problem(fault: Any) -> str | None:
-    """Why a programmed fault is unusable, or None when it is fine."""
+def fault_problem(fault: Any, target: str = "order:") -> str | None:
+    """Why a programmed fault (for ``target``) is unusable, or None when it is fine."""
     if not isinstance(fault, dict):
         return "a fault must be a JSON object"
     unknown = set(fault) - FAULT_KEYS
@@ -174,7 +211,7 @@ def fault_problem(fault: Any) -> str | None:
         return "times must be a positive integer or -1"
     if "status" in fault and (not isinstance(fault["status"], int) or not 100 <= fault["status"] <= 599):
         return "status must be an integer HTTP status"
-    for key in ("delay_s", "retry_after", "trickle_s"):
+    for key in ("delay_s", "retry_after", "trickle_s", "land_after_s"):
         if key in fault and (not _is_number(fault[key]) or fault[key] < 0):
             return f"{key} must be a non-negative number"
     if "raw_body" in fault and not isinstance(fault["raw_body"], str):
@@ -184,6 +221,19 @@ def fault_problem(fault: Any) -> str | None:
             return f"{key} must be true or false"
     if fault.get("reset") and (fault.get("drop") or "status" in fault):
         return "reset goes with neither drop nor status (it answers nothing)"
+    return landing_problem(fault, target)
+
+
+def landing_problem(fault: dict[str, Any], target: str) -> str | None:
+    """Why a fault's ``land_after_s`` is unusable: it lands an accept or deny, so it is
+    for ``order:`` targets only and contradicts ``apply: false`` (never land)."""
+    if "land_after_s" not in fault:
+        return None
+    if not target.startswith("order:"):
+        return "land_after_s is for accept/deny faults only (order:<order_external_id>)"
+    if fault.get("apply") is False:
+        return ("land_after_s lands the request, apply: false never does: "
+                "use one or the other")
     return None
 
 
@@ -256,6 +306,7 @@ class SandboxState:
         self.counters = {"token_calls": 0, "refresh_calls": 0, "rotations": 0,
                          "accept_calls": 0, "deny_calls": 0}
         self.seq = 0
+        self.generation = getattr(self, "generation", 0) + 1  # timer landings of older ones are dropped
 
     def reset(self) -> None:
         with self.lock:
@@ -280,6 +331,27 @@ class SandboxState:
     def set_status(self, entry: dict[str, Any], status: int | None) -> None:
         with self.lock:
             entry["status"] = status
+
+    def set_landing(self, entry: dict[str, Any], landed_at: float, status: int) -> None:
+        with self.lock:
+            entry["landed_at"] = landed_at
+            entry["landed_status"] = status
+            entry["applied"] = status == 200
+
+    def land_later(self, at: float, land: Callable[[], object]) -> None:
+        """Run ``land`` at Unix time ``at`` in a timer thread, unless a reset comes first."""
+        with self.lock:
+            generation = self.generation
+
+        def fire() -> None:
+            with self.lock:
+                if self.generation != generation:
+                    return
+            land()
+
+        timer = threading.Timer(max(0.0, at - time.time()), fire)
+        timer.daemon = True
+        timer.start()
 
     # -- tokens (callers hold the lock) -------------------------------------------
 
@@ -383,15 +455,38 @@ class SandboxState:
                 fault = {**RANDOM_FAULTS[name], "random": name}
                 if name == "timeout":
                     fault["delay_s"] = self.config.timeout_delay_s
+                    if self.config.timeout_land_after_s is not None:
+                        fault["land_after_s"] = self.config.timeout_land_after_s
                 return fault
         return None
 
-    def apply_order(self, deny: bool, body: dict[str, Any]) -> Answer:
+    def _not_listed(self, key: str, now: float) -> bool:
+        """Strict mode and mipos no longer lists the order (caller holds the lock)."""
+        if not self.config.strict:
+            return False
+        order = self.pending.get(key)
+        return order is None or now - order["_created"] >= PENDING_WINDOW_S
+
+    def order_verdict(self, deny: bool, body: dict[str, Any], now: float) -> Answer:
+        """What landing the call at ``now`` would answer, changing nothing (an answer
+        sent before its request lands)."""
+        errors = order_field_errors(body, DENY_FIELDS if deny else ORDER_FIELDS)
+        if errors:
+            return 422, errors
+        with self.lock:
+            if self._not_listed(f"{body['store_id']}/{body['order_external_id']}", now):
+                return conflict(ORDER_NOT_FOUND)
+        return 200, SUCCESS
+
+    def apply_order(self, deny: bool, body: dict[str, Any], now: float) -> Answer:
+        """Land an accept or deny: validate, then (strict: if still pending) record it."""
         errors = order_field_errors(body, DENY_FIELDS if deny else ORDER_FIELDS)
         if errors:
             return 422, errors
         key = f"{body['store_id']}/{body['order_external_id']}"
         with self.lock:
+            if self._not_listed(key, now):
+                return conflict(ORDER_NOT_FOUND)
             record = self.orders.get(key)
             if record is None:
                 record = OrderRecord(body["store_id"], body["order_external_id"], body["delivery_id"])
@@ -427,8 +522,10 @@ class SandboxState:
             for key, value in changes.items():
                 if key == "fault_rates":
                     self.config.fault_rates = {k: float(v) for k, v in value.items()}
-                elif key in ("expires_in_format", "expires_in_fixed"):
+                elif key in ("expires_in_format", "expires_in_fixed", "strict"):
                     setattr(self.config, key, value)
+                elif key == "timeout_land_after_s":
+                    self.config.timeout_land_after_s = None if value is None else float(value)
                 else:
                     setattr(self.config, key, float(value))
             return 200, self.config.public()
@@ -483,6 +580,12 @@ def config_problem(changes: dict[str, Any]) -> str | None:
         if key in ("token_ttl_s", "latency_ms", "timeout_delay_s"):
             if not _is_number(value) or value < 0:
                 return f"{key} must be a non-negative number"
+        elif key == "timeout_land_after_s":
+            if value is not None and (not _is_number(value) or value < 0):
+                return "timeout_land_after_s must be a non-negative number or null"
+        elif key == "strict":
+            if not isinstance(value, bool):
+                return "strict must be true or false"
         elif key == "expires_in_format":
             if value not in EXPIRES_IN_FORMATS:
                 return f"expires_in_format must be one of {', '.join(EXPIRES_IN_FORMATS)}"
@@ -556,21 +659,28 @@ def control_faults(state: SandboxState, query: Query, body: dict[str, Any]) -> A
     if problem or not isinstance(target, str):
         return 400, {"error": problem}
     for fault in faults:
-        problem = fault_problem(fault)
+        problem = fault_problem(fault, target)
         if problem:
             return 400, {"error": problem, "fault": fault}
     state.add_faults(target, faults, replace=body.get("replace") is True)
     return 200, {"ok": True}
 
 
-def control_deliver(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+def delivered_order(body: dict[str, Any]) -> dict[str, Any] | str:
+    """The order a ``/_sandbox/deliver`` body describes, or why it cannot be one."""
     missing = [f for f in ("store_id", "delivery_id", "external_id") if body.get(f) in (None, "")]
     if missing:
-        return 400, {"error": f"missing {', '.join(missing)}"}
+        return f"missing {', '.join(missing)}"
     try:
-        order = pending_order(body)
+        return pending_order(body)
     except (TypeError, ValueError) as exc:
-        return 400, {"error": f"bad order: {exc}"}
+        return f"bad order: {exc}"
+
+
+def control_deliver(state: SandboxState, query: Query, body: dict[str, Any]) -> Answer:
+    order = delivered_order(body)
+    if isinstance(order, str):
+        return 400, {"error": order}
     state.deliver(order)
     return 200, {"ok": True}
 
@@ -714,7 +824,8 @@ class Handler(BaseHTTPRequestHandler):
         fields = body if isinstance(body, dict) else {}
         entry: dict[str, Any] = {"time": arrived, "method": self.command, "path": path,
                                  "authorization": auth, "body": body, "status": None,
-                                 "token_valid": None, "fault": None}
+                                 "token_valid": None, "fault": None,
+                                 "landed_at": None, "landed_status": None, "applied": False}
         orders_match = ORDERS_PATH.match(path)
         if self.command == "POST" and path in (ACCEPT_PATH, DENY_PATH):
             self._order_call(path == DENY_PATH, fields, auth, entry, now)
@@ -743,14 +854,42 @@ class Handler(BaseHTTPRequestHandler):
         if not call.token_valid:
             self._answer(entry, 401, UNAUTHORIZED)
             return
-        self._with_fault(entry, call.fault, lambda: self.state.apply_order(deny, body))
+        self._with_fault(entry, call.fault, lambda: self.state.apply_order(deny, body, time.time()),
+                         preview=lambda: self.state.order_verdict(deny, body, time.time()))
+
+    def _land(self, entry: dict[str, Any], run: Callable[[], Answer]) -> Answer:
+        """Apply the call now (it reaches mipos's logic) and log when and with what."""
+        landed_at = time.time()
+        answer = run()
+        self.state.set_landing(entry, landed_at, answer[0])
+        return answer
 
     def _with_fault(self, entry: dict[str, Any], fault: dict[str, Any] | None,
-                    run: Callable[[], Answer]) -> None:
-        """Answer a mipos call, through its fault if it has one (see the module docstring)."""
-        fault = fault or {}
-        if fault.get("delay_s"):
-            time.sleep(float(fault["delay_s"]))
+                    run: Callable[[], Answer],
+                    preview: Callable[[], Answer] | None = None) -> None:
+        """Answer a mipos call, through its fault if it has one (see the module docstring).
+
+        ``run`` lands the call; ``preview`` is what landing it would answer, without
+        landing it, for an answer sent before a ``land_after_s`` landing."""
+        if not fault:  # the common case, kept short
+            status, payload = self._land(entry, run)
+            self._answer(entry, status, payload)
+            return
+        answer_at = time.time() + float(fault.get("delay_s") or 0.0)
+        land_at = landing_time(entry, fault, answer_at)
+        landing: Answer | None = None
+        if land_at is not None and land_at <= answer_at:
+            sleep_until(land_at)
+            landing = self._land(entry, run)
+        sleep_until(answer_at)
+        if land_at is not None and landing is None:
+            self.state.land_later(land_at, lambda: self._land(entry, run))
+        self._finish(entry, fault, landing, preview)
+
+    def _finish(self, entry: dict[str, Any], fault: dict[str, Any], landing: Answer | None,
+                preview: Callable[[], Answer] | None) -> None:
+        """Send what a fault says once its delay is over: nothing, its own answer, the
+        landing's answer, or (the call lands later) the answer it would get now."""
         if fault.get("drop"):
             self._drop()
             return
@@ -760,17 +899,36 @@ class Handler(BaseHTTPRequestHandler):
             self._answer(entry, status, payload, raw=raw, headers=retry_after_header(fault),
                          trickle_s=trickle_s)
             return
-        applies = fault.get("apply") is not False
         if fault.get("reset"):
-            if applies:
-                run()
             self._reset()  # mipos may have done it; the client only sees the reset
             return
-        if not applies:
+        if fault.get("apply") is False:
             self._drop()  # mipos did not do it, and the client has stopped waiting
             return
-        status, payload = run()
+        if landing is None:  # only land_after_s lands after the answer: an accept or deny
+            assert preview is not None, "a call that lands after its answer needs a preview"
+            landing = preview()
+        status, payload = landing
         self._answer(entry, status, payload, trickle_s=trickle_s)
+
+
+def landing_time(entry: dict[str, Any], fault: dict[str, Any], answer_at: float) -> float | None:
+    """When a faulty call lands (Unix time), or None if it never does.
+
+    ``land_after_s`` counts from the request's arrival; without it, a call that is
+    answered by mipos (or reset after mipos did it) lands when its delay ends, and
+    a drop, a fault's own status or ``apply: false`` never lands."""
+    if fault.get("land_after_s") is not None:
+        return float(entry["time"]) + float(fault["land_after_s"])
+    if fault.get("drop") or fault.get("status") is not None or fault.get("apply") is False:
+        return None
+    return answer_at
+
+
+def sleep_until(at: float) -> None:
+    pause = at - time.time()
+    if pause > 0:
+        time.sleep(pause)
 
 
 def retry_after_header(fault: dict[str, Any]) -> dict[str, str]:

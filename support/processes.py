@@ -130,10 +130,13 @@ class RedisServer:
 
 
 class Sandbox:
-    def __init__(self, workdir: Path, *extra_args: str) -> None:
+    """``python -m sandbox`` on a free port; ``strict``: ``--strict`` (409 ``Order not found.``
+    for an accept or deny of an order that is not pending; see sandbox/server.py)."""
+
+    def __init__(self, workdir: Path, *extra_args: str, strict: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sandbox", "--host", "127.0.0.1", "--port", "0", "--quiet",
-             *extra_args],
+             *(("--strict",) if strict else ()), *extra_args],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=open(workdir / "sandbox.log", "wb"),
             text=True, start_new_session=True,
         )

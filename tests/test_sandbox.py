@@ -554,7 +554,8 @@ def test_reset_forgets_everything(api: Api, control: SandboxControl) -> None:
                                "denied_orders": 0, "current_token_expires_at": None}
     assert control.config() == {"token_ttl_s": 3600.0, "latency_ms": 0.0,
                                 "expires_in_format": "absolute", "fault_rates": {},
-                                "timeout_delay_s": 15.0, "expires_in_fixed": None}
+                                "timeout_delay_s": 15.0, "expires_in_fixed": None,
+                                "strict": False, "timeout_land_after_s": None}
     fresh = api.token()
     assert fresh != token and api.accept(fresh, order_id).status_code == 200
     assert api.pending("3", fresh).status_code == 200  # the store is known again by the accept

@@ -74,3 +74,41 @@ def test_fast_sandbox_latency_holds_the_answer(fast: Sandbox) -> None:
     assert time.monotonic() - started >= 0.15
     with pytest.raises(requests.HTTPError):
         fast.control.config(fault_rates={"http_500": 0.5})  # no fault machinery here
+
+
+def test_fast_sandbox_strict_mode(tmp_path: Path) -> None:
+    """--strict as in the full sandbox: only a delivered, pending order is accepted, once."""
+    strict = Sandbox(tmp_path, "--fast", strict=True)
+    try:
+        token = token_call(strict.url).json()["data"]["token"]
+        bearer = {"Authorization": f"Bearer {token}"}
+        not_found = {"message": ["Order not found."], "data": None}
+
+        def call(order_id: str, deny: bool = False) -> tuple[int, object]:
+            body = {"delivery_id": "1", "store_id": "5", "order_external_id": order_id}
+            path = ACCEPT
+            if deny:
+                body["message"] = "Out of stock"
+                path = "/api/v1/integration/order/deny"
+            answer = requests.post(strict.url + path, json=body, headers=bearer, timeout=5)
+            return answer.status_code, answer.json()
+
+        strict.control.deliver("5", 1, "o-1")
+        strict.control.deliver("5", 2, "o-old", created_at=time.time() - 11 * 60)
+        assert call("o-1")[0] == 200
+        assert call("o-1") == (409, not_found)  # accepted already
+        assert call("o-1", deny=True) == (409, not_found)
+        assert call("o-never") == (409, not_found)
+        assert call("o-old") == (409, not_found)  # older than the 10-minute window
+        assert strict.control.stats()["accepted_orders"] == 1
+
+        assert strict.control.config(strict=False)["strict"] is False
+        assert call("o-never")[0] == 200  # lenient: as before
+        with pytest.raises(requests.HTTPError):
+            strict.control.config(strict="yes")
+        with pytest.raises(requests.HTTPError):
+            strict.control.deliver("5", "x", "o-2")  # type: ignore[arg-type]  # delivery_id: int
+        strict.control.reset()
+        assert strict.control.config()["strict"] is True  # the command line's again
+    finally:
+        strict.stop()
