@@ -161,3 +161,45 @@ def test_a_bad_users_file_is_refused_without_showing_its_content(
     assert password not in result.stderr
     if case == "malformed":
         assert "line 2" in line
+
+
+# -- item 4: non-ASCII credentials -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("user", "password"), [
+    ("admin", "pässwörd-{token}"), ("ädmin", "{token}"), ("admin", "{token}\u00a0"),
+], ids=["password", "user", "nbsp"])
+def test_non_ascii_credentials_are_refused_at_start(redis_server: RedisServer, user: str, password: str) -> None:
+    """Flower's ``hmac.compare_digest`` raises on non-ASCII text: every request was a 500."""
+    token = secrets.token_hex(8)
+    result = run_line(flower_env(redis_server, FLOWER_BASIC_AUTH=f"{user}:{password.format(token=token)}"))
+
+    line = refusal(result)
+    assert "FLOWER_BASIC_AUTH" in line and "ASCII" in line
+    assert token not in result.stderr
+
+
+def test_non_ascii_credentials_in_the_users_file_are_refused(redis_server: RedisServer, tmp_path: Path) -> None:
+    token = secrets.token_hex(8)
+    users = write_users(tmp_path / "flower-users", f"admin:{token}\nviewer:grüß-{token}\n")
+    line = refusal(run_line(flower_env(redis_server, FLOWER_BASIC_AUTH_FILE=str(users))))
+
+    assert "FLOWER_BASIC_AUTH_FILE" in line and "ASCII" in line and "line 2" in line
+    assert token not in line
+
+
+def test_a_request_with_non_ascii_credentials_gets_401_not_500(
+        redis_server: RedisServer, start_flower: StartFlower) -> None:
+    password = f"pw-{secrets.token_urlsafe(12)}"
+    flower = start_flower(flower_env(redis_server, FLOWER_BASIC_AUTH=f"ops:{password}"))
+
+    for path in ("/", "/tasks", "/api/workers"):
+        assert flower.get(path, auth=("ops", "pässwörd"))[0] == 401, path
+        assert flower.get(path, auth=("öps", password))[0] == 401, path
+        assert get_with_header(flower, path, basic("ops:pässwörd".encode("latin-1"))) == 401, path
+        assert get_with_header(flower, path, basic(f"ops:{password}\u00e9".encode())) == 401, path
+        assert get_with_header(flower, path, "Basic not-base64!") == 401, path
+    assert flower.get("/", auth=("ops", password))[0] == 200  # the right one still works
+    assert flower.get("/api/workers", auth=("ops", password))[0] == 200
+    log = flower.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and " 500 " not in log, log[-3000:]

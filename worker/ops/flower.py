@@ -20,6 +20,11 @@ Environment:
     A password there may contain commas. Setting both this and
     ``FLOWER_BASIC_AUTH`` is refused; an error about the file names the variable
     and the line number, never the file's content.
+
+User names and passwords must be ASCII (either variable): Flower compares them
+with ``hmac.compare_digest``, which raises on other characters, so one such
+password made every request a 500. A request whose credentials are not ASCII
+gets a 401 (``guard_basic_auth``).
 ``FLOWER_LOCAL``
     ``1``/``true``/``yes``/``on``: allowed to run without ``FLOWER_BASIC_AUTH``;
     then Flower has no authentication at all and listens on 127.0.0.1 only,
@@ -68,10 +73,13 @@ answer without authentication: Flower serves them so.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import os
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -96,6 +104,8 @@ USERS_VARIABLE = "FLOWER_BASIC_AUTH"
 USERS_FILE_VARIABLE = "FLOWER_BASIC_AUTH_FILE"
 AUTH_FORMAT = "FLOWER_BASIC_AUTH must be user:password[,user:password...]"
 BARE_COMMA = re.compile(r",(?!\s)")
+ASCII_ONLY = ("user names and passwords must be ASCII: Flower cannot compare other characters "
+              "(every request would fail with an error)")
 
 
 class ConfigError(Exception):
@@ -136,6 +146,8 @@ def parse_basic_auth(value: str) -> list[str]:
             f"{USERS_VARIABLE} has a comma with no space after it: Flower splits at every comma, so a "
             "password cannot contain one (it would become two other logins); separate several users "
             f"with ', ', or list them in {USERS_FILE_VARIABLE}, one user:password per line")
+    if not value.isascii():
+        raise ConfigError(f"{USERS_VARIABLE}: {ASCII_ONLY}")
     return entries
 
 
@@ -160,9 +172,9 @@ def read_users_file(path: str) -> list[str]:
 def users_file_entry(line: bytes, number: int) -> str:
     """One line of the users file, checked."""
     try:
-        entry = line.decode("utf-8")
+        entry = line.decode("ascii")
     except UnicodeDecodeError:
-        raise ConfigError(f"{USERS_FILE_VARIABLE}, line {number}: not UTF-8 text") from None
+        raise ConfigError(f"{USERS_FILE_VARIABLE}, line {number}: {ASCII_ONLY}") from None
     if not is_user_password(entry):
         raise ConfigError(f"{USERS_FILE_VARIABLE}, line {number}: must be user:password")
     return entry
@@ -174,13 +186,13 @@ def configured_users(environ: MutableMapping[str, str]) -> list[str]:
     Both variables leave ``environ``: Flower reads every ``FLOWER_*`` variable itself, would
     split the first at its commas again and stop at the second (not one of its options).
     """
-    value = environ.pop(USERS_VARIABLE, "").strip()
+    value = environ.pop(USERS_VARIABLE, "")  # not stripped: str.strip() drops non-ASCII spaces too
     path = environ.pop(USERS_FILE_VARIABLE, "").strip()
-    if value and path:
+    if value.strip() and path:
         raise ConfigError(f"both {USERS_VARIABLE} and {USERS_FILE_VARIABLE} are set: set only one")
     if path:
         return read_users_file(path)
-    return parse_basic_auth(value) if value else []
+    return parse_basic_auth(value) if value.strip() else []
 
 
 def parse_bool(name: str, value: str) -> bool:
@@ -275,6 +287,45 @@ class RetryAwareTask(CeleryTask):  # type: ignore[misc]  # celery has no type hi
             self.state = states.RETRY
 
 
+def credentials_match(authorization: str, users: Sequence[str]) -> bool:
+    """Whether a ``Basic`` Authorization header carries one of ``users``, compared as bytes.
+
+    Flower compares the decoded text with ``hmac.compare_digest``, which raises TypeError
+    on non-ASCII text: a request with such credentials got a 500 and a traceback.
+    """
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme != "Basic":
+        return False
+    try:
+        given = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    matched = False
+    for user in users:  # every entry, so the time taken does not tell which one matched
+        matched |= hmac.compare_digest(given, user.encode("ascii"))
+    return matched
+
+
+def guard_basic_auth() -> None:
+    """Flower's basic-auth check, behind ours: credentials that match none of its users get a
+    401 before Flower compares them (a match is ASCII, which Flower compares without error)."""
+    import tornado.web
+    from flower.views import BaseHandler
+
+    flower_check = BaseHandler.get_current_user
+    if getattr(flower_check, "guarded", False):
+        return
+
+    def get_current_user(self: Any) -> Any:
+        users = self.application.options.basic_auth
+        if users and not credentials_match(self.request.headers.get("Authorization", ""), users):
+            raise tornado.web.HTTPError(401)
+        return flower_check(self)
+
+    get_current_user.guarded = True  # type: ignore[attr-defined]
+    BaseHandler.get_current_user = get_current_user
+
+
 def run_flower(settings: FlowerSettings) -> int:
     from celery.bin.celery import celery as celery_command
     from flower.events import EventsState
@@ -282,6 +333,7 @@ def run_flower(settings: FlowerSettings) -> int:
 
     options.format_task = make_task_formatter()
     EventsState.Task = RetryAwareTask  # Celery's State makes its tasks from this attribute
+    guard_basic_auth()
     if settings.users:
         # Set here, not through FLOWER_BASIC_AUTH: on no command line, and never split at a comma.
         options.basic_auth = list(settings.users)
