@@ -1,7 +1,10 @@
 """`make run`: the whole system on one machine, with an embedded default for each part.
 
 - Redis: ``REDIS_URL`` if set; else a local redis-server on 127.0.0.1:6390 with
-  its append-only file under ``.run/redis`` (started here, stopped on exit).
+  its append-only file under ``.run/redis`` (started here, stopped on exit). It
+  requires a password generated on the first run and kept in
+  ``.run/redis/password``; every process started here gets the REDIS_URL that
+  carries it, and so does ``.run/env``. ``.run`` and ``.run/redis`` are 0700.
 - mipos: the real API when ``MIPOS_CLIENT_ID`` is set; else the sandbox on
   127.0.0.1:8765, and a few demo orders, some of which meet transient faults.
 - the worker, beat (the reconciliation sweep) and Flower, each from its Procfile line.
@@ -19,6 +22,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -66,6 +70,29 @@ class Stack:
             log(f"stopped {name} (pid {proc.pid})")
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner can enter (0700), made so even if it existed."""
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """``path`` replaced by a file holding ``text`` that is 0600 from its creation on.
+
+    mkstemp creates the temporary file with O_EXCL and mode 0600, whatever the umask;
+    the rename makes it ``path`` at once (an older, more readable file is replaced).
+    """
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def wait_until(check: object, timeout: float, what: str) -> None:
     give_up = time.monotonic() + timeout
     while not check():  # type: ignore[operator]
@@ -74,34 +101,88 @@ def wait_until(check: object, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def start_redis(stack: Stack, env: dict[str, str]) -> None:
+def redis_password(data: Path) -> str:
+    """The local Redis's password: generated once, kept in ``.run/redis/password`` (0600, in a 0700 directory)."""
+    path = data / "password"
+    if path.exists():
+        password = path.read_text().strip()
+        if re.fullmatch(r"[A-Za-z0-9_-]{32,}", password):
+            return password
+    password = secrets.token_urlsafe(32)
+    write_private(path, password + "\n")
+    return password
+
+
+def redis_answers(password: str) -> bool | None:
+    """True: the Redis on the local port requires ``password`` and accepts it; None: nothing
+    listens there; False: something else does (a Redis that needs no password, or another)."""
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    url = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-
-    def up() -> bool:
+    def ping(with_password: bool) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=LOCAL_REDIS_PORT, password=password if with_password else None,
+                             socket_timeout=2, socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
         try:
             return bool(client.ping())
-        except redis.RedisError:
-            return False
+        finally:
+            client.close()
 
-    env["REDIS_URL"] = url
-    if up():
-        log(f"using the Redis already listening on {url}")
+    try:
+        ping(with_password=False)  # redis-py's AUTH passes on a Redis that has no password
+        return False
+    except redis.AuthenticationError:
+        pass  # NOAUTH: a Redis that requires a password; is it ours?
+    except redis.ConnectionError as exc:
+        return None if isinstance(exc.__cause__ or exc.__context__, ConnectionRefusedError) else False
+    except redis.RedisError:
+        return False
+    try:
+        return ping(with_password=True)
+    except redis.RedisError:
+        return False
+
+
+def start_redis(stack: Stack, env: dict[str, str]) -> None:
+    """A redis-server on 127.0.0.1 that requires the password of ``.run/redis/password``; sets REDIS_URL.
+
+    The password reaches redis-server on its standard input, not its command line (which
+    ``ps`` shows to every user); its files are created 0600 (umask 077) in a 0700 directory.
+    """
+    data = private_dir(private_dir(RUN_DIR) / "redis")
+    password = redis_password(data)
+    shown = f"redis://127.0.0.1:{LOCAL_REDIS_PORT}/0"
+    url = f"redis://:{password}@127.0.0.1:{LOCAL_REDIS_PORT}/0"
+    found = redis_answers(password)
+    if found is False:
+        raise SystemExit(f"[make run] something on 127.0.0.1:{LOCAL_REDIS_PORT} answers, but not as the Redis "
+                         f"`make run` starts (with the password of {data / 'password'}): stop it, or set "
+                         "REDIS_URL to a Redis of your own")
+    if found:
+        env["REDIS_URL"] = url
+        log(f"using the Redis already listening on {shown} (started by an earlier `make run`)")
         return
-    data = RUN_DIR / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    stack.start(
+    proc = stack.start(
         "redis-server",
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(LOCAL_REDIS_PORT),
+        ["redis-server", "-", "--bind", "127.0.0.1", "--port", str(LOCAL_REDIS_PORT),
          "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec",
          "--maxmemory-policy", "noeviction"],
-        env,
+        env, stdin=subprocess.PIPE, umask=0o077,
         stdout=open(RUN_DIR / "redis.log", "ab"), stderr=subprocess.STDOUT,
     )
+    assert proc.stdin is not None
+    proc.stdin.write(f"requirepass {password}\n".encode())  # "-": the configuration, read from stdin
+    proc.stdin.close()
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit(f"[make run] redis-server exited (port {LOCAL_REDIS_PORT} busy?); "
+                             f"see {RUN_DIR / 'redis.log'}")
+        return bool(redis_answers(password))
+
     wait_until(up, 15, "redis-server")
-    log(f"Redis on {url} (append-only file in {data})")
+    env["REDIS_URL"] = url  # for every process started after this one
+    log(f"Redis on {shown}, with a password (in .run/env's REDIS_URL); append-only file in {data}")
 
 
 def start_sandbox(stack: Stack, env: dict[str, str]) -> str:
@@ -243,7 +324,7 @@ def main() -> int:
                         help="stop once the demo orders are accepted, denied or dead-lettered")
     options = parser.parse_args()
 
-    RUN_DIR.mkdir(exist_ok=True)
+    private_dir(RUN_DIR)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("LOG_FORMAT", "console")
