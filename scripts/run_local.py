@@ -282,17 +282,18 @@ def enqueue_demo(sandbox_url: str) -> list[str]:
 def write_env_file(env: dict[str, str], with_sandbox: bool) -> Path:
     """``.run/env``: what a second terminal sources to use ``mipos-worker`` on this system.
 
-    The sandbox's credentials are public; real ones are never written to disk.
+    The sandbox's credentials are public; real ones are never written to disk. REDIS_URL
+    may hold the local Redis's password: the file is 0600 from its creation on (never
+    written first and chmod-ed after), in a 0700 directory.
     """
     names = ["REDIS_URL", "MIPOS_REDIS_PREFIX"]
     if with_sandbox:
         names += ["MIPOS_BASE_URL", "MIPOS_CLIENT_ID", "MIPOS_CLIENT_SECRET", "MIPOS_EMAIL", "MIPOS_PASSWORD"]
     lines = [f"export {name}={shlex.quote(env[name])}" for name in names if env.get(name)]
     lines.append(f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"")
-    path = RUN_DIR / "env"
-    path.write_text("# written by `make run`: source it to use mipos-worker with this system\n"
-                    + "\n".join(lines) + "\n")
-    path.chmod(0o600)
+    path = private_dir(RUN_DIR) / "env"
+    write_private(path, "# written by `make run`: source it to use mipos-worker with this system\n"
+                  + "\n".join(lines) + "\n")
     return path
 
 

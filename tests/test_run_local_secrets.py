@@ -110,3 +110,37 @@ def test_a_second_start_uses_the_same_password(run_local: ModuleType, stack: Any
 
     assert second["REDIS_URL"] == first["REDIS_URL"]
     assert len(stack.processes) == 1
+
+
+# -- item 6: .run/env ----------------------------------------------------------------
+
+
+def test_env_file_is_private_from_its_creation(run_local: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written, then chmod-ed, the file was readable by others in between: it must need no chmod."""
+    run_dir = run_local.RUN_DIR
+    run_dir.mkdir()
+    run_dir.chmod(0o755)
+    (run_dir / "env").write_text("# an older run's, world-readable\n")
+    (run_dir / "env").chmod(0o644)
+    ignored: list[str] = []
+    real_chmod = os.chmod
+
+    def chmod_directories_only(path: Any, mode_: int, *args: Any, **kwargs: Any) -> None:
+        if os.path.isdir(path):
+            real_chmod(path, mode_, *args, **kwargs)
+        else:
+            ignored.append(f"chmod({path}, {oct(mode_)})")
+
+    monkeypatch.setattr(os, "chmod", chmod_directories_only)
+    monkeypatch.setattr(os, "fchmod", lambda fd, mode_: ignored.append(f"fchmod({fd}, {oct(mode_)})"))
+    url = "redis://:s3cret-password-for-this-test@127.0.0.1:6390/0"
+    umask = os.umask(0o022)
+    try:
+        path = run_local.write_env_file({"REDIS_URL": url}, with_sandbox=False)
+    finally:
+        os.umask(umask)
+
+    assert oct(mode(path)) == oct(0o600), f"created readable by others, then made private by {ignored}"
+    assert oct(mode(run_dir)) == oct(0o700)
+    assert sorted(os.listdir(run_dir)) == ["env"]  # no temporary file left behind
+    assert f"export REDIS_URL={url}\n" in path.read_text()
