@@ -14,17 +14,16 @@ Environment:
     ``admin:pa`` and ``ss:w0rd``; a comma with no space after it is refused.
     Either this or ``FLOWER_BASIC_AUTH_FILE`` is required, unless
     ``FLOWER_LOCAL`` is true. It appears on no command line and in no log line.
+    User names and passwords must be ASCII, here and in the file below: Flower
+    compares them with ``hmac.compare_digest``, which raises on other
+    characters, so one such password made every request a 500. A request whose
+    own credentials are not ASCII gets a 401 (``guard_basic_auth``).
 ``FLOWER_BASIC_AUTH_FILE``
     the path of a file of users, one ``user:password`` per line (blank lines and
     lines starting with ``#`` are skipped; spaces around a line are ignored).
     A password there may contain commas. Setting both this and
     ``FLOWER_BASIC_AUTH`` is refused; an error about the file names the variable
     and the line number, never the file's content.
-
-User names and passwords must be ASCII (either variable): Flower compares them
-with ``hmac.compare_digest``, which raises on other characters, so one such
-password made every request a 500. A request whose credentials are not ASCII
-gets a 401 (``guard_basic_auth``).
 ``FLOWER_LOCAL``
     ``1``/``true``/``yes``/``on``: allowed to run without ``FLOWER_BASIC_AUTH``;
     then Flower has no authentication at all and listens on 127.0.0.1 only,
