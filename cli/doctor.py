@@ -23,12 +23,12 @@ from config import (
     broker_settings_problems,
     load_checked_worker_settings,
     load_producer_settings,
-    ssl_cert_reqs,
     url_without_password,
 )
 from config.timing import QUEUE
 from mipos_worker.order.model import order_key
 from mipos_worker.order.stamps import stamps_of
+from mipos_worker.settings import TlsOptions, tls_options_of
 from worker.mipos.errors import MiposError
 from worker.ops.metrics import read_gauges
 
@@ -170,16 +170,30 @@ def _topology_checks(client: redis.Redis, settings: RedisSettings) -> list[Check
 
 
 def _tls_check(url: str) -> Check | None:
-    """How REDIS_URL's TLS is checked: a rediss:// URL verifies unless told not to."""
-    wanted = ssl_cert_reqs(url)
-    if wanted is None:
+    """What REDIS_URL's TLS checks, as every client applies it (mipos_worker.settings.TlsOptions):
+    ok only with the certificate and the host name checked."""
+    try:
+        options = tls_options_of(url)
+    except ValueError as exc:  # the settings refuse these: only a URL set by hand gets here
+        return Check("redis tls", "fail", str(exc))
+    if options is None:
         return None
-    if wanted == "none":
-        return Check("redis tls", "warn", "ssl_cert_reqs=none in REDIS_URL: the server's certificate "
-                     "is not checked, so anyone on the path can read the orders and the Redis password; "
-                     "remove it (and add ssl_ca_certs=/path/ca.crt for a private CA)")
-    ca = "the CA in ssl_ca_certs" if "ssl_ca_certs=" in url else "the system's CA store"
-    return Check("redis tls", "ok", f"TLS, the server's certificate checked against {ca}")
+    ca = "the CA in ssl_ca_certs" if options.ca_certs else "the system's CA store"
+    if options.cert_reqs == "none":
+        return Check("redis tls", "warn", "TLS, certificate NOT checked (ssl_cert_reqs=none): anyone on "
+                     "the path can read the orders and the Redis password; remove it (and add "
+                     "ssl_ca_certs=/path/ca.crt for a private CA)")
+    if not options.hostname_checked:
+        return Check("redis tls", "warn", f"TLS, certificate checked against {ca}, host name NOT checked "
+                     f"({_hostname_off(options)}): a certificate it signed for any other host is "
+                     "accepted too; use a certificate that names the host REDIS_URL uses")
+    return Check("redis tls", "ok", f"TLS, the server's certificate and host name checked against {ca}")
+
+
+def _hostname_off(options: TlsOptions) -> str:
+    if options.check_hostname is False:
+        return "ssl_check_hostname=false"
+    return "the installed redis-py does not check it unless REDIS_URL says ssl_check_hostname=true"
 
 
 def _persistence_check(client: redis.Redis) -> Check:

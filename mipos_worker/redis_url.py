@@ -13,7 +13,7 @@ written once, on any of the URLs: kombu reads only the first URL's, so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import SplitResult, quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, unquote_plus, urlsplit
 
 SENTINEL_SCHEME = "sentinel"
 DEFAULT_SENTINEL_PORT = 26379
@@ -36,7 +36,8 @@ class SentinelTarget:
 
     @property
     def tls(self) -> bool:
-        return any(k.startswith("ssl_") for k, _ in query_items(self.query))
+        """Some ``ssl_`` option is written (its key percent-encoded or not, as clients decode it)."""
+        return any(unquote_plus(k).strip().startswith("ssl_") for k, _ in query_items(self.query))
 
 
 def is_sentinel_url(url: str) -> bool:

@@ -8,13 +8,15 @@ so one message names every bad setting.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote_plus, urlsplit, urlunsplit
 
 from mipos_worker.redis_url import (
     hide_password,
@@ -40,6 +42,10 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 # What url_without_password shows for a URL that does not parse.
 URL_NOT_SHOWN = "(a URL that does not parse: not shown)"
+# The TLS options REDIS_URL may carry, as redis-py names them; each is applied alike by
+# redis-py, kombu and the Sentinel clients (TlsOptions).
+TLS_FILE_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+TLS_KEYS = (*TLS_FILE_KEYS, "ssl_check_hostname", "ssl_cert_reqs")
 CERT_REQS = {"required": "required", "cert_required": "required", "optional": "optional",
              "cert_optional": "optional", "none": "none", "cert_none": "none"}
 
@@ -212,37 +218,170 @@ def _port_is_a_number(parts: SplitResult) -> bool:
         return False
 
 
-def query_items_of(url: str) -> list[tuple[str, str]]:
-    query = urlsplit(url).query
-    return [(k, v) for k, _, v in (item.partition("=") for item in query.split("&") if item)]
+@dataclass(frozen=True)
+class TlsOptions:
+    """REDIS_URL's TLS options, read once (read_tls_query) and applied alike by every client:
+    redis-py's from ``redis_kwargs``, kombu's from the URL the settings spell them out in
+    (``query_items``: one of each, in values kombu reads as redis-py does)."""
+
+    cert_reqs: str = "required"  # required, optional (for a client the same check) or none
+    check_hostname: bool | None = None  # None: not written, redis-py's default for every client
+    files: tuple[tuple[str, str], ...] = ()  # (one of TLS_FILE_KEYS, its path)
+
+    @property
+    def ca_certs(self) -> str | None:
+        return dict(self.files).get("ssl_ca_certs")
+
+    @property
+    def hostname_checked(self) -> bool:
+        """Whether the certificate must name the host: never without a certificate check."""
+        if self.cert_reqs == "none":
+            return False
+        return self.check_hostname if self.check_hostname is not None else redis_py_checks_hostname()
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """redis-py's keyword arguments (SSLConnection, SentinelManagedSSLConnection, a
+        Sentinel client with ``ssl=True``)."""
+        kwargs: dict[str, Any] = {"ssl_cert_reqs": self.cert_reqs, **dict(self.files)}
+        if self.check_hostname is not None:
+            kwargs["ssl_check_hostname"] = self.check_hostname
+        return kwargs
+
+    def query_items(self) -> list[tuple[str, str]]:
+        items = list(self.files)
+        if self.check_hostname is not None:
+            items.append(("ssl_check_hostname", "true" if self.check_hostname else "false"))
+        items.append(("ssl_cert_reqs", self.cert_reqs))
+        return items
+
+
+@dataclass(frozen=True)
+class TlsQuery:
+    """A URL's query in two: its TLS options, read, and its other items as written."""
+
+    options: TlsOptions
+    others: tuple[str, ...]
+    problems: tuple[str, ...]  # why clients would read the options differently; no value quoted
+    given: bool  # some ssl_ option is written
+
+    def canonical(self) -> str:
+        """The query with each TLS option spelled out once, decoded keys, canonical values."""
+        spelled = (f"{key}={quote(value, safe='/')}" for key, value in self.options.query_items())
+        return "&".join((*self.others, *spelled))
+
+    def without_tls(self) -> str:
+        return "&".join(self.others)
+
+
+@functools.cache
+def redis_py_checks_hostname() -> bool:
+    """Whether redis-py checks the host name when ``ssl_check_hostname`` is not given (it
+    does since redis-py 6). kombu passes no value then either: both get this default."""
+    from redis.connection import SSLConnection
+
+    default = inspect.signature(SSLConnection.__init__).parameters["ssl_check_hostname"].default
+    return default is True
+
+
+def read_tls_query(query: str) -> TlsQuery:
+    """The TLS options of a URL's query, read the way every client here applies them.
+
+    Keys and values are percent-decoded, as redis-py (``parse_qs``) and kombu
+    (``parse_qsl``) decode them, so ``ssl%5Fcert%5Freqs=none`` is ``ssl_cert_reqs=none``.
+    What the two would read differently is a problem: an option given twice with
+    different values (redis-py takes the first, kombu the last), an ``ssl_`` option
+    not every client applies, a value neither reads alike."""
+    values: dict[str, str] = {}
+    others: list[str] = []
+    problems: list[str] = []
+    given = False
+    for item in (i for i in query.split("&") if i):
+        raw_key, _, raw_value = item.partition("=")
+        key, value = unquote_plus(raw_key).strip(), unquote_plus(raw_value).strip()
+        if not key.startswith("ssl_"):
+            others.append(item)
+            continue
+        given = True
+        if key not in TLS_KEYS:
+            problems.append(f"REDIS_URL has {key!r}, which not every client would apply: "
+                            f"the TLS options are {', '.join(TLS_KEYS)}")
+        elif key in values and values[key] != value and value:
+            problems.append(f"REDIS_URL gives {key} twice, with different values (redis-py would "
+                            "use the first, kombu the last): write it once")
+        elif value:  # both clients ignore an empty one
+            values[key] = value
+    options = _tls_options(values, problems)
+    return TlsQuery(options, tuple(others), tuple(problems), given)
+
+
+def _tls_options(values: Mapping[str, str], problems: list[str]) -> TlsOptions:
+    cert_reqs = CERT_REQS.get(values.get("ssl_cert_reqs", "required").lower())
+    if cert_reqs is None:
+        problems.append("REDIS_URL has an ssl_cert_reqs that is not required, optional or none")
+    check_hostname: bool | None = None
+    if "ssl_check_hostname" in values:
+        try:
+            check_hostname = parse_boolean(values["ssl_check_hostname"])
+        except ValueError:
+            problems.append("REDIS_URL has an ssl_check_hostname that is not true or false")
+    files = tuple((key, values[key]) for key in TLS_FILE_KEYS if key in values)
+    return TlsOptions(cert_reqs or "required", check_hostname, files)
+
+
+def tls_query_of(url: str) -> TlsQuery | None:
+    """The TLS reading of REDIS_URL, of either shape; None when it asks for no TLS."""
+    if is_sentinel_url(url):
+        target, _ = parse_sentinel_url(url)
+        return read_tls_query(target.query) if target is not None and target.tls else None
+    parts = urlsplit(url)
+    return read_tls_query(parts.query) if parts.scheme == "rediss" else None
+
+
+def tls_options_of(url: str) -> TlsOptions | None:
+    """REDIS_URL's TLS options (None: no TLS); ValueError when clients would read them differently."""
+    tls = tls_query_of(url)
+    if tls is None:
+        return None
+    if tls.problems:
+        raise ValueError("; ".join(tls.problems))
+    return tls.options
+
+
+def url_without_tls_options(url: str) -> str:
+    """A rediss:// URL without its ``ssl_`` options, for a client given them as arguments."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query=read_tls_query(parts.query).without_tls()))
 
 
 def ssl_cert_reqs(url: str) -> str | None:
-    """The certificate check a rediss:// URL asks for: required, optional or none
-    (None: not TLS, or a value neither kombu nor redis-py knows)."""
-    if urlsplit(url).scheme != "rediss":
+    """The certificate check REDIS_URL asks for: required, optional or none
+    (None: no TLS, or options the clients would read differently)."""
+    try:
+        options = tls_options_of(url)
+    except ValueError:
         return None
-    given = [v for k, v in query_items_of(url) if k == "ssl_cert_reqs"]
-    return CERT_REQS.get(given[-1].strip().lower()) if given else "required"
+    return options.cert_reqs if options is not None else None
 
 
 def verified_redis_url(url: str) -> str:
-    """The URL with its certificate check spelled out, so that every client verifies alike.
+    """A rediss:// URL with its TLS options spelled out (TlsQuery.canonical), so that every client verifies alike.
 
     kombu connects to ``rediss://`` without ``ssl_cert_reqs`` with no certificate
     check at all, while redis-py requires one; kombu takes ``CERT_NONE`` and
-    redis-py only ``none``. Writing ``ssl_cert_reqs=required|optional|none`` into
-    the URL makes the broker, the shared-state client, the POS side, Flower and
-    the CLI agree: verified unless ``none`` is asked for. A CA file comes from
-    ``ssl_ca_certs`` in the URL, else from the system store.
+    redis-py only ``none``; kombu turns the host name check off only for
+    ``false``, redis-py for ``no`` and ``0`` too. Writing each option once, with
+    decoded keys and ``ssl_cert_reqs=required|optional|none``,
+    ``ssl_check_hostname=true|false``, makes the broker, the shared-state client,
+    the POS side, Flower and the CLI agree: verified unless ``none`` is asked for.
+    A CA file comes from ``ssl_ca_certs`` in the URL, else from the system store.
+    Other URLs are returned as they are.
     """
-    wanted = ssl_cert_reqs(url)
-    if wanted is None:
+    if is_sentinel_url(url):
         return url
-    items = [(k, v) for k, v in query_items_of(url) if k != "ssl_cert_reqs"]
-    items.append(("ssl_cert_reqs", wanted))
-    query = "&".join(f"{k}={v}" for k, v in items)
-    return urlunsplit(urlsplit(url)._replace(query=query))
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return url
+    return urlunsplit(parts._replace(query=read_tls_query(parts.query).canonical()))
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -287,18 +426,16 @@ def _read_sentinel_url(reader: SettingsReader, text: str, master: str | None) ->
     if target is None:
         return text
     if target.tls:
-        # TLS to the Sentinels and to Redis: the check spelled out, as for rediss:// URLs.
-        verified = verified_redis_url("rediss://x/?" + target.query)
-        if ssl_cert_reqs(verified) is None:
-            reader.problems.append(
-                "REDIS_URL has an ssl_cert_reqs that is not required, optional or none")
-        target = replace(target, query=urlsplit(verified).query)
+        # TLS to the Sentinels and to Redis: spelled out, as for rediss:// URLs.
+        tls = read_tls_query(target.query)
+        reader.problems.extend(tls.problems)
+        target = replace(target, query=tls.canonical())
     return normalized_sentinel_url(target)
 
 
 def _read_single_url(reader: SettingsReader, text: str, master: str | None,
                      sentinel_password: str | None) -> str:
-    """One redis:// or rediss:// URL, its certificate check spelled out (verified_redis_url)."""
+    """One redis:// or rediss:// URL, its TLS options spelled out (verified_redis_url)."""
     for name, value in (("REDIS_SENTINEL_MASTER", master),
                         ("REDIS_SENTINEL_PASSWORD", sentinel_password)):
         if value is not None:
@@ -313,10 +450,14 @@ def _read_single_url(reader: SettingsReader, text: str, master: str | None,
             "REDIS_URL holds a ';': only Sentinel URLs (sentinel://) may be joined with ';', "
             "and a ';' in a password must be percent-encoded (%3B)")
         return text
-    if urlsplit(text).scheme == "rediss" and ssl_cert_reqs(text) is None:
-        reader.problems.append(
-            f"REDIS_URL={url_without_password(text)!r} has an ssl_cert_reqs that is not "
-            "required, optional or none")
+    parts = urlsplit(text)
+    tls = read_tls_query(parts.query)
+    if parts.scheme == "redis" and tls.given:
+        # kombu would connect with TLS, redis-py refuse the options.
+        reader.problems.append("REDIS_URL has TLS options (ssl_...) but starts with redis://: "
+                               "use rediss:// for TLS, or remove them")
+        return text
+    reader.problems.extend(tls.problems)
     return verified_redis_url(text)
 
 

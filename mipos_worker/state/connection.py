@@ -15,7 +15,8 @@ from mipos_worker.redis_url import is_sentinel_url
 from mipos_worker.settings import (
     RedisSettings,
     load_producer_settings,
-    verified_redis_url,
+    tls_options_of,
+    url_without_tls_options,
 )
 from mipos_worker.state.sentinel import sentinel_master_client
 
@@ -44,11 +45,13 @@ def milliseconds(duration_s: float) -> int:
 
 def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries: int = 3,
                    settings: RedisSettings | None = None) -> redis.Redis:
-    """A client that checks a rediss:// server's certificate as the broker does (mipos_worker.settings.verified_redis_url).
+    """A client that applies a rediss:// URL's TLS options as the broker does (mipos_worker.settings.TlsOptions).
 
-    A ``sentinel://`` URL gives a client of the master the Sentinels name, which
-    follows a failover (mipos_worker/state/sentinel.py); the master's name and the Sentinels'
-    password come from ``settings`` (default: the environment's). With
+    The options are read once (``tls_options_of``: ValueError when clients would read
+    them differently) and given as arguments, not left to redis-py's own reading of
+    the URL. A ``sentinel://`` URL gives a client of the master the Sentinels name,
+    which follows a failover (mipos_worker/state/sentinel.py); the master's name and
+    the Sentinels' password come from ``settings`` (default: the environment's). With
     REDIS_MIN_REPLICAS_ACK a read waits up to the replica timeout for a WAIT.
     """
     settings = settings or (load_producer_settings() if is_sentinel_url(url) else None)
@@ -56,12 +59,14 @@ def redis_from_url(url: str, timeout_s: float = REDIS_SOCKET_TIMEOUT_S, retries:
         timeout_s = max(timeout_s, settings.replica_ack_timeout_s + 1.0)
     if settings is not None and is_sentinel_url(url):
         return sentinel_master_client(url, settings, timeout_s, retries)
+    tls = tls_options_of(url)
     return redis.Redis.from_url(
-        verified_redis_url(url),
+        url if tls is None else url_without_tls_options(url),
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
         retry=Retry(NoBackoff(), retries),
+        **(tls.redis_kwargs() if tls is not None else {}),
     )
 
 

@@ -16,11 +16,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedSSLConnection
 
-from mipos_worker.redis_url import SentinelTarget, parse_sentinel_url, query_items
-from mipos_worker.settings import RedisSettings
-
-# What a TLS query in the URL may carry, as redis-py's keyword arguments.
-SSL_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+from mipos_worker.redis_url import SentinelTarget, parse_sentinel_url
+from mipos_worker.settings import RedisSettings, read_tls_query
 
 
 def target_of(url: str) -> SentinelTarget:
@@ -31,11 +28,12 @@ def target_of(url: str) -> SentinelTarget:
 
 
 def ssl_kwargs(target: SentinelTarget) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    for key, value in query_items(target.query):
-        if key in SSL_KEYS:
-            kwargs[key] = value.lower() == "true" if key == "ssl_check_hostname" else value
-    return kwargs
+    """The TLS options of the URL as redis-py's arguments, read as for every other client
+    (mipos_worker.settings.TlsOptions); kombu reads the same options from the URL."""
+    tls = read_tls_query(target.query)
+    if tls.problems:
+        raise ValueError("; ".join(tls.problems))
+    return tls.options.redis_kwargs()
 
 
 def sentinel_kwargs(settings: RedisSettings, target: SentinelTarget, timeout_s: float) -> dict[str, Any]:
