@@ -212,10 +212,12 @@ def url_without_password(url: str) -> str:
 
 
 def _port_is_a_number(parts: SplitResult) -> bool:
+    """Whether the URL's port, if it has one, is a number (urlsplit raises on reading it otherwise)."""
     try:
-        return parts.port is None or parts.port >= 0
+        port = parts.port
     except ValueError:
         return False
+    return port is None or port >= 0
 
 
 @dataclass(frozen=True)
