@@ -197,3 +197,245 @@ def test_a_batch_of_odd_rows_leaves_the_good_ones_to_go_in_order(
     assert published_ids(redis_server) == good
     assert rows(engine, outbox_table) == []
     assert len(rows(engine, dead_table)) == 12
+
+
+# -- item 6: outbox ids never reused on SQLite; the dead table never collides ---------------
+
+def drain(engine: sa.Engine) -> None:
+    from mipos_worker.sql_outbox import Relay
+
+    relay = Relay(engine, lease_s=60)
+    while relay.run_once().seen:
+        pass
+
+
+def restart_ids(engine: sa.Engine) -> None:
+    """What makes an outbox's ids start again at 1: SQLite's rowids without AUTOINCREMENT once
+    the table is empty; elsewhere a restored dump or a reset sequence (done by hand here)."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            if conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").first():
+                conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = 'mipos_outbox'")
+        elif engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("ALTER SEQUENCE mipos_outbox_id_seq RESTART WITH 1")
+        else:
+            conn.exec_driver_sql("ALTER TABLE mipos_outbox AUTO_INCREMENT = 1")
+
+
+def outbox_ids(engine: sa.Engine) -> list[int]:
+    from mipos_worker.sql_outbox import outbox_table
+
+    return [r.id for r in rows(engine, outbox_table)]
+
+
+def test_sqlite_outbox_ids_are_never_reused(tmp_path: Path, tasks: ModuleType, redis_server: RedisServer) -> None:
+    from mipos_worker.sql_outbox import create_tables
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'pos.sqlite3'}")
+    create_tables(engine)
+    sa.Table("orders", sa.MetaData(), sa.Column("external_id", sa.String(64), primary_key=True)).create(engine)
+    store_order(engine, str(uuid.uuid4()))
+    [first] = outbox_ids(engine)
+    drain(engine)
+    store_order(engine, str(uuid.uuid4()))
+    assert outbox_ids(engine) == [first + 1]  # AUTOINCREMENT: not the drained row's id again
+
+
+def test_two_rows_moved_aside_under_the_same_outbox_id_are_both_kept(
+        engine: sa.Engine, redis_server: RedisServer) -> None:
+    from mipos_worker.sql_outbox import Relay, dead_table
+
+    first = insert_row(engine, arguments="[" * 5000)
+    drain(engine)
+    restart_ids(engine)
+    second = insert_row(engine, arguments="{not json")
+    good = store_order(engine, str(uuid.uuid4()))
+
+    result = Relay(engine).run_once()
+
+    assert (result.published, result.moved_aside) == (1, 1)
+    dead = rows(engine, dead_table)
+    assert [d.task_id for d in dead] == [first, second]
+    assert dead[0].outbox_id == dead[1].outbox_id  # where each was in the outbox, repeated
+    assert dead[0].id != dead[1].id
+    assert good in published_ids(redis_server)
+
+
+# The tables as mipos-worker made them before issue 24 (create_tables, and the README's SQL).
+OLD = sa.MetaData()
+OLD_RowId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+sa.Table(
+    "mipos_outbox", OLD,
+    sa.Column("id", OLD_RowId, primary_key=True, autoincrement=True),
+    sa.Column("task_id", sa.String(36), nullable=False, unique=True),
+    sa.Column("action", sa.String(8), nullable=False),
+    sa.Column("arguments", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("claim", sa.String(36), nullable=True),
+    sa.Column("claimed_until", sa.Double, nullable=True),
+    sa.Column("tries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+)
+OLD_DEAD = sa.Table(
+    "mipos_outbox_dead", OLD,
+    sa.Column("id", OLD_RowId, primary_key=True, autoincrement=False),
+    sa.Column("task_id", sa.String(36), nullable=False),
+    sa.Column("action", sa.String(8), nullable=False),
+    sa.Column("arguments", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("moved_at", sa.Double, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+)
+sa.Index("mipos_outbox_dead_moved_at", OLD_DEAD.c.moved_at)
+
+
+@pytest.fixture
+def old_engine(engine: sa.Engine) -> sa.Engine:
+    """``engine``'s database with the outbox tables of an earlier mipos-worker instead."""
+    from mipos_worker.sql_outbox import metadata
+
+    metadata.drop_all(engine)
+    OLD.create_all(engine)
+    return engine
+
+
+def test_existing_tables_are_upgraded_in_place_and_keep_their_rows(
+        old_engine: sa.Engine, redis_server: RedisServer) -> None:
+    from mipos_worker.sql_outbox import Relay, dead_table, upgrade_tables
+
+    engine = old_engine
+    moved_before = insert_row(engine, arguments="[" * 5000)
+    [moved_id] = outbox_ids(engine)
+    Relay(engine).run_once()  # moved aside into the old table, under its outbox id
+    waiting = store_order(engine, str(uuid.uuid4()))
+    [waiting_id] = outbox_ids(engine)
+
+    done = upgrade_tables(engine)
+
+    assert done and upgrade_tables(engine) == []  # once; then nothing left to do
+    assert table_shapes(engine) == made_today(engine)
+    assert outbox_ids(engine) == [waiting_id]
+    [old_dead] = rows(engine, dead_table)
+    assert old_dead.task_id == moved_before and old_dead.outbox_id == moved_id
+    drain(engine)
+    restart_ids(engine)
+    insert_row(engine, arguments="[" * 5000)
+    insert_row(engine, arguments="{not json")
+    assert Relay(engine).run_once().moved_aside == 2
+    dead = rows(engine, dead_table)
+    assert len(dead) == 3 and len({d.id for d in dead}) == 3
+    assert waiting in published_ids(redis_server)
+    if engine.dialect.name == "sqlite":  # and the outbox's ids are now never reused
+        with engine.connect() as conn:
+            sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'mipos_outbox'").scalar_one()
+        assert "AUTOINCREMENT" in sql
+
+
+def table_shapes(engine: sa.Engine) -> dict[str, Any]:
+    """Each outbox table's columns (name: type, nullable, assigned by the database) and indexes."""
+    inspector = sa.inspect(engine)
+    shapes: dict[str, Any] = {}
+    for table in ("mipos_outbox", "mipos_outbox_dead"):
+        columns = {c["name"]: (str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)}
+        indexes = sorted((i["name"], tuple(i["column_names"])) for i in inspector.get_indexes(table)
+                         if not str(i["name"]).startswith("sqlite_autoindex"))
+        shapes[table] = (columns, indexes, inspector.get_unique_constraints(table))
+        if engine.dialect.name == "sqlite":
+            with engine.connect() as conn:
+                sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).scalar_one()
+            shapes[table] += (" ".join(sql.split()),)
+        else:
+            shapes[table] += (inspector.get_columns(table)[0]["autoincrement"],)
+    return shapes
+
+
+def made_today(engine: sa.Engine) -> dict[str, Any]:
+    """``table_shapes`` of the tables ``create_tables`` makes today, in a database of their own."""
+    from mipos_worker.sql_outbox import create_tables
+
+    url = engine.url
+    if engine.dialect.name == "sqlite":
+        fresh = url.set(database=f"{url.database}.fresh")
+    else:
+        fresh = url.set(database=f"{url.database}_fresh")
+        with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {fresh.database}")
+    other = sa.create_engine(fresh)
+    try:
+        create_tables(other)
+        return table_shapes(other)
+    finally:
+        other.dispose()
+
+
+def test_a_relay_on_tables_not_yet_upgraded_still_moves_rows_aside(
+        old_engine: sa.Engine, redis_server: RedisServer) -> None:
+    """Between installing this version and running the upgrade: no worse than before, and
+    on SQLite no collision."""
+    from mipos_worker.sql_outbox import Relay
+
+    engine = old_engine
+    first = insert_row(engine, arguments="[" * 5000)
+    drain(engine)
+    if engine.dialect.name == "sqlite":  # the old SQLite table reuses ids by itself
+        second = insert_row(engine, arguments="{not json")
+        assert Relay(engine).run_once().moved_aside == 1
+        assert [d.task_id for d in rows(engine, OLD_DEAD)] == [first, second]
+    else:
+        assert [d.task_id for d in rows(engine, OLD_DEAD)] == [first]
+
+
+DJANGO_MIGRATE = """
+    import os, sys
+    import django
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.django_settings"
+    django.setup()
+    from django.core.management import call_command
+    call_command("migrate", "mipos_outbox", *sys.argv[1:], verbosity=0)
+    call_command("makemigrations", "mipos_outbox", check=True, dry_run=True, verbosity=0)  # models = migrations
+"""
+
+
+def django_migrate(database: str, *target: str) -> None:
+    import os
+
+    from tests.outbox_processes import run_script
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIPOS_")}
+    done = run_script({**env, "MIPOS_TEST_DJANGO_DB": database}, DJANGO_MIGRATE, *target)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_django_tables_of_an_earlier_version_are_migrated_and_keep_their_rows(
+        kind: str, tmp_path: Path, tasks: ModuleType, redis_server: RedisServer, request: pytest.FixtureRequest) -> None:
+    from mipos_worker.sql_outbox import Relay, dead_table
+
+    if kind == "sqlite":
+        database = str(tmp_path / "pos.sqlite3")
+        url = f"sqlite:///{database}"
+    else:
+        url = request.getfixturevalue("pg_server").create_database(f"dj_{uuid.uuid4().hex[:10]}")
+        database = url.replace("postgresql+psycopg://", "postgresql://")
+    django_migrate(database, "0001")  # the tables as the first version made them
+    engine = sa.create_engine(url)
+    try:
+        moved_before = insert_row(engine, arguments="[" * 5000)
+        assert Relay(engine).run_once().moved_aside == 1
+
+        django_migrate(database)
+
+        [old_dead] = rows(engine, dead_table)
+        assert old_dead.task_id == moved_before
+        with engine.begin() as conn:  # the outbox's ids start again (a restored dump, a reset)
+            if kind == "sqlite":
+                conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = 'mipos_outbox'")
+            else:
+                conn.exec_driver_sql("ALTER TABLE mipos_outbox ALTER COLUMN id RESTART WITH 1")
+        again = insert_row(engine, arguments="{not json")
+        assert Relay(engine).run_once().moved_aside == 1
+        dead = rows(engine, dead_table)
+        assert [d.task_id for d in dead] == [moved_before, again]
+        assert dead[0].outbox_id == dead[1].outbox_id and dead[0].id != dead[1].id
+    finally:
+        engine.dispose()

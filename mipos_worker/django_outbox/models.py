@@ -40,7 +40,8 @@ class OutboxRow(models.Model):
 
 
 class DeadOutboxRow(models.Model):
-    id = models.BigIntegerField(primary_key=True)  # its id in the outbox
+    id = models.BigAutoField(primary_key=True)  # its own: outbox ids can repeat (migration 0002)
+    outbox_id = models.BigIntegerField()  # its id in the outbox
     task_id = models.CharField(max_length=36)
     action = models.CharField(max_length=8)
     arguments = models.TextField()

@@ -19,15 +19,18 @@ from mipos_worker.sql_outbox.relay import (
     Relay,
 )
 from mipos_worker.sql_outbox.schema import dead_table, metadata, outbox_table
+from mipos_worker.sql_outbox.upgrade import pending_upgrades, upgrade_tables
 from mipos_worker.sql_outbox.writer import accept, deny
 
 
 def create_tables(bind: object) -> None:
-    """Create the two outbox tables where missing (tests, quick starts; use a migration in production)."""
+    """Create the two outbox tables where missing (tests, quick starts; use a migration in production).
+    Tables an earlier version made are left as they are: ``upgrade_tables`` brings them up to date."""
     metadata.create_all(bind)  # type: ignore[arg-type]
 
 
 __all__ = [
     "BatchResult", "OutboxStatus", "RedisUnavailable", "Relay", "RelayThread", "accept",
-    "create_tables", "dead_table", "deny", "metadata", "outbox_table", "start_relay_thread",
+    "create_tables", "dead_table", "deny", "metadata", "outbox_table", "pending_upgrades",
+    "start_relay_thread", "upgrade_tables",
 ]

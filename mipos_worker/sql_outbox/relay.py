@@ -30,8 +30,10 @@ from kombu.exceptions import OperationalError
 from sqlalchemy import (
     LargeBinary,
     Text,
+    case,
     cast,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -50,6 +52,7 @@ from mipos_worker.sql_outbox.schema import (
     outbox_table,
     supports_skip_locked,
 )
+from mipos_worker.sql_outbox.upgrade import dead_table_upgraded, pending_upgrades
 
 logger = logging.getLogger("mipos.outbox")
 
@@ -118,7 +121,7 @@ class Relay:
         self.skip_locked = supports_skip_locked(engine.dialect)
         self.now = db_now(engine.dialect)
         self.metrics = RelayMetrics()
-        self._dead_logged_at = 0.0
+        self._dead_upgraded: bool | None = None  # the dead table's shape, read at the first move
 
     # -- one batch --------------------------------------------------------------
 
@@ -261,12 +264,32 @@ class Relay:
         """Copied in SQL, byte for byte, whatever the row holds; then deleted."""
         t = outbox_table.c
         conn.execute(insert(dead_table).from_select(
-            ["id", "task_id", "action", "arguments", "created_at", "moved_at", "reason"],
-            select(t.id, t.task_id, t.action, t.arguments, t.created_at, self.now,
+            [self._dead_id_column(conn), "task_id", "action", "arguments", "created_at", "moved_at", "reason"],
+            select(self._dead_id(conn, row), t.task_id, t.action, t.arguments, t.created_at, self.now,
                    literal(reason[:2000], Text())).where(t.id == row.id)))
         self._delete(conn, [row.id])
         log(logger, logging.ERROR, "outbox_row_moved_aside", relay=self.name, row_id=row.id,
             task_id=shown(row.task_id), action=shown(row.action), reason=reason, table=dead_table.name)
+
+    def _dead_id_column(self, conn: Connection) -> str:
+        """``outbox_id``; ``id`` in a dead table not yet upgraded (upgrade.py), with a warning."""
+        if self._dead_upgraded is None:
+            self._dead_upgraded = dead_table_upgraded(conn)
+            if not self._dead_upgraded:
+                log(logger, logging.WARNING, "outbox_tables_not_upgraded", relay=self.name,
+                    pending=pending_upgrades(conn),
+                    fix="mipos_worker.sql_outbox.upgrade_tables(engine), or the README's SQL")
+        return "outbox_id" if self._dead_upgraded else "id"
+
+    def _dead_id(self, conn: Connection, row: Row[Any]) -> Any:
+        """The row's outbox id; in a dead table not yet upgraded on SQLite, where outbox ids
+        repeat, a free id when that one is taken (the row is kept; its task id says which)."""
+        t, dead = outbox_table.c, dead_table.c
+        if self._dead_upgraded or conn.dialect.name != "sqlite":
+            return t.id
+        taken = exists().where(dead.id == t.id)
+        free = select(func.coalesce(func.max(dead.id), 0) + 1).scalar_subquery()
+        return case((taken, free), else_=t.id)
 
     # -- backlog ------------------------------------------------------------------
 

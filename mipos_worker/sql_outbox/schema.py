@@ -43,17 +43,20 @@ outbox_table = Table(
     Column("claimed_until", Double, nullable=True),  # the database's clock
     Column("tries", Integer, nullable=False, server_default="0"),
     Column("last_error", Text, nullable=True),
+    sqlite_autoincrement=True,  # ids never reused, even once the table is empty
 )
 
 dead_table = Table(
     DEAD_TABLE, metadata,
-    Column("id", _RowId, primary_key=True, autoincrement=False),  # the row's id in the outbox
+    Column("id", _RowId, primary_key=True, autoincrement=True),  # its own: never collides
+    Column("outbox_id", BigInteger, nullable=False),  # its id in the outbox (may repeat: a reset sequence)
     Column("task_id", String(36), nullable=False),
     Column("action", String(8), nullable=False),
     Column("arguments", Text, nullable=False),
     Column("created_at", Double, nullable=False),
     Column("moved_at", Double, nullable=False),
     Column("reason", Text, nullable=False),
+    sqlite_autoincrement=True,
 )
 Index("mipos_outbox_dead_moved_at", dead_table.c.moved_at)
 
@@ -93,7 +96,8 @@ CREATE TABLE mipos_outbox (
     last_error    TEXT
 );
 CREATE TABLE mipos_outbox_dead (
-    id         BIGINT PRIMARY KEY,
+    id         BIGSERIAL PRIMARY KEY,
+    outbox_id  BIGINT NOT NULL,
     task_id    VARCHAR(36) NOT NULL,
     action     VARCHAR(8) NOT NULL,
     arguments  TEXT NOT NULL,
