@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from cli.common import EXIT_FAILED, EXIT_OK, open_redis
+from cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, duration_argument, open_redis
 from cli.orders import attempts_table
 from cli.output import CliError, ago, emit_json, key_values, printable, table, when
 from cli.progress import Progress
@@ -81,21 +82,12 @@ def cmd_dead_show(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_replay(args: argparse.Namespace) -> int:
-    store = _dead_letters()
-    if args.id:
-        if args.reason or args.store:
-            raise CliError("--reason and --store choose letters for --all; with an id, leave them out")
-        letter = store.get(args.id)
-        if letter is None:
-            raise CliError(f"no dead letter {args.id}")
-        letters = [letter]
-    else:
-        letters = [x for x in store.list(since=args.since, reason=args.reason, store_id=args.store)
-                   if not x.replayed]
-        latest: dict[str, Any] = {}
-        for letter in letters:  # newest first: one replay per order, from its latest failure
-            latest.setdefault(letter.order_key, letter)
-        letters = list(latest.values())
+    letters = _letters_to_replay(_dead_letters(), args)
+    if args.all:
+        stop = confirm(f"replay {_letters(len(letters))} (send their orders to mipos again)",
+                       count=len(letters), assume_yes=args.yes, declined="nothing replayed")
+        if stop is not None:
+            return stop
     progress = Progress("replay", total=len(letters), enabled=bool(args.all) and not args.quiet)
     results = []
     for letter in letters:
@@ -120,6 +112,22 @@ def cmd_dead_replay(args: argparse.Namespace) -> int:
     return EXIT_FAILED if refused and not args.all else EXIT_OK
 
 
+def _letters_to_replay(store: DeadLetters, args: argparse.Namespace) -> list[DeadLetter]:
+    """The letter ``ID`` names; with ``--all``, the latest letter not replayed of each order."""
+    if args.id:
+        if args.reason or args.store:
+            raise CliError("--reason and --store choose letters for --all; with an id, leave them out")
+        letter = store.get(args.id)
+        if letter is None:
+            raise CliError(f"no dead letter {args.id}")
+        return [letter]
+    latest: dict[str, DeadLetter] = {}
+    for letter in store.list(since=args.since, reason=args.reason, store_id=args.store):
+        if not letter.replayed:  # newest first: one replay per order, from its latest failure
+            latest.setdefault(letter.order_key, letter)
+    return list(latest.values())
+
+
 def _replay(letter: DeadLetter) -> Replay:
     """Replay one letter; one whose arguments today's checks refuse (a letter written before
     the field limits) is not replayable, like an ``invalid`` one, instead of ending the run."""
@@ -135,16 +143,57 @@ def _replay(letter: DeadLetter) -> Replay:
 
 def cmd_dead_purge(args: argparse.Namespace) -> int:
     store = _dead_letters()
-    cutoff = time.time() - args.older_than
-    if args.dry_run:
-        store.trim()
-        count = int(store.redis.zcount(store.index_key, "-inf", cutoff))
-        verb = "would delete"
-    else:
+    cutoff = time.time() - args.older_than  # fixed before asking: a wait at the prompt adds nothing
+    store.trim()
+    count = int(store.redis.zcount(store.index_key, "-inf", cutoff))
+    if not args.dry_run:
+        stop = confirm(f"delete {_letters(count)} failed before {when(cutoff)}", count=count,
+                       assume_yes=args.yes, declined="nothing deleted")
+        if stop is not None:
+            return stop
         count = store.purge(cutoff)
-        verb = "deleted"
     if args.json:
         emit_json({"purged" if not args.dry_run else "would_purge": count, "older_than": when(cutoff)})
     else:
-        print(f"{verb} {count} dead letter{'s' if count != 1 else ''} failed before {when(cutoff)}")
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{verb} {_letters(count)} failed before {when(cutoff)}")
     return EXIT_OK
+
+
+# -- asking first ----------------------------------------------------------------------------
+
+PURGE_FLOOR_S = 3600.0  # doctor's "dead letters in the last hour": younger ones may be unseen yet
+
+
+def purge_age_argument(text: str) -> float:
+    """An argparse type for ``purge --older-than``: a duration of at least ``PURGE_FLOOR_S``."""
+    age_s = duration_argument(text)
+    if age_s < PURGE_FLOOR_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is too recent: it must be at least {PURGE_FLOOR_S / 3600:g}h, so that no purge "
+            "takes letters failed in the last hour, which no one may have seen yet")
+    return age_s
+
+
+def confirm(action: str, *, count: int, assume_yes: bool, declined: str) -> int | None:
+    """None when the command may go on; else the exit code to end with.
+
+    ``--yes`` goes on. At a terminal (stdin), the operator is asked, shown ``action`` with its
+    count (nothing is asked when there is nothing to do). Elsewhere (cron, CI, a pipe) the
+    command needs ``--yes``, even when there is nothing to do today: exit 2, before acting."""
+    if assume_yes or (count == 0 and sys.stdin.isatty()):
+        return None
+    if not sys.stdin.isatty():
+        print(f"mipos-worker: this would {action}; stdin is not a terminal to confirm it at: "
+              "add --yes to go on", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stderr.write(f"{action}? [y/N] ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip().lower() in ("y", "yes"):
+        return None
+    print(declined, file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _letters(count: int) -> str:
+    return f"{count} dead letter{'s' if count != 1 else ''}"

@@ -24,7 +24,13 @@ from cli.common import (
     open_redis,
     since_argument,
 )
-from cli.dead import cmd_dead_list, cmd_dead_purge, cmd_dead_replay, cmd_dead_show
+from cli.dead import (
+    cmd_dead_list,
+    cmd_dead_purge,
+    cmd_dead_replay,
+    cmd_dead_show,
+    purge_age_argument,
+)
 from cli.orders import cmd_enqueue, cmd_order, cmd_pending
 from cli.output import CliError, emit_json, table
 from mipos_worker.command import add_outbox_commands
@@ -130,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", parents=[common], help="enqueue dead letters again (fresh attempts and deadline)",
         description="Enqueue a dead-lettered order again as a new task, with a fresh attempt budget "
                     "and deadline; the old attempts stay in the history. A letter is replayed at most "
-                    "once, and an order already accepted or denied is not sent again.")
+                    "once, and an order already accepted or denied is not sent again. --all asks "
+                    "first at a terminal, showing the count; elsewhere it needs --yes.")
     which = replay.add_mutually_exclusive_group(required=True)
     which.add_argument("id", metavar="ID", nargs="?", type=letter_id_argument)
     which.add_argument("--all", action="store_true", help="every dead letter not replayed yet "
@@ -139,11 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--store", type=id_argument("--store"))
     replay.add_argument("--since", type=since_argument)
     replay.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    replay.add_argument("--yes", "-y", action="store_true",
+                        help="--all without asking; required when stdin is not a terminal")
     replay.set_defaults(func=cmd_dead_replay)
-    purge = dead_commands.add_parser("purge", parents=[common], help="delete old dead letters")
-    purge.add_argument("--older-than", type=duration_argument, required=True, metavar="DURATION",
-                       help="failed more than this long ago (7d, 12h, 30m)")
-    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    purge = dead_commands.add_parser(
+        "purge", parents=[common], help="delete old dead letters",
+        description="Delete the dead letters that failed more than --older-than ago (at least 1h). "
+                    "At a terminal it asks first, showing the count; elsewhere it needs --yes.")
+    purge.add_argument("--older-than", type=purge_age_argument, required=True, metavar="DURATION",
+                       help="failed more than this long ago (7d, 12h; at least 1h)")
+    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing (no --yes needed)")
+    purge.add_argument("--yes", "-y", action="store_true",
+                       help="delete without asking; required when stdin is not a terminal")
     purge.set_defaults(func=cmd_dead_purge)
 
     doctor = commands.add_parser(

@@ -16,6 +16,7 @@ import pytest
 from sandbox import SANDBOX_CREDENTIALS
 from support.processes import ROOT, RedisServer, Sandbox, free_port, stop_process, wait_for
 from tests.conftest import Cluster, ClusterStarter, new_order_id
+from tests.test_dead_safety import backdate
 
 ACCEPT_PATH = "/api/v1/integration/order/accept"
 NOT_FOUND = {"status": 409, "message": "Order not found.", "times": -1}
@@ -24,8 +25,10 @@ CLI = str(Path(sys.executable).parent / "mipos-worker")
 
 def cli(cluster: Cluster, *args: str, env: dict[str, str] | None = None,
         timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """stdin at /dev/null: as from a script, whatever terminal pytest runs in (so `dead replay
+    --all` and `dead purge` need --yes, tests/test_dead_safety.py)."""
     return subprocess.run([CLI, *args], cwd=ROOT, env={**cluster.env, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
 def cli_json(cluster: Cluster, *args: str) -> Any:
@@ -89,6 +92,7 @@ def test_malformed_ids_are_refused_before_anything_runs() -> None:
         (["order", "3", "tab\there"], "ORDER_EXTERNAL_ID"),
         (["dead", "show", "nothex"], "not a dead letter id"),
         (["dead", "purge", "--older-than", "soon"], "not a duration"),
+        (["dead", "purge", "--older-than", "0s"], "must be at least 1h"),
         (["dead", "list", "--since", "yesterday-ish"], "neither a duration"),
     ]:
         result = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60)
@@ -221,13 +225,13 @@ def test_replay_all_shows_progress_and_sends_each_order_once(cluster: Cluster, t
         dead_letter_id(cluster, order_id)
         cluster.control.clear_faults(order_id)
 
-    result = cli(cluster, "dead", "replay", "--all", "--store", "35")
+    result = cli(cluster, "dead", "replay", "--all", "--store", "35", "--yes")
     assert result.returncode == 0, result.stderr
     assert "[replay] 3/3 (100%)" in result.stderr and "replayed=3" in result.stderr
     assert "3 replayed" in result.stdout
     for order_id in orders:
         wait_state(cluster, "35", order_id, "accepted")
-    second = cli_json(cluster, "dead", "replay", "--all", "--store", "35")
+    second = cli_json(cluster, "dead", "replay", "--all", "--store", "35", "--yes")
     assert second["results"] == []
     assert all(len(accepts_at_mipos(cluster, o)) == 1 for o in orders)
 
@@ -262,14 +266,15 @@ def test_purge(cluster: Cluster, tasks: ModuleType) -> None:
     cluster.control.add_faults(order_id, NOT_FOUND)
     tasks.accept_order.delay(delivery_id=1, store_id="37", order_external_id=order_id)
     letter = dead_letter_id(cluster, order_id)
-    assert "deleted 0 dead letters" in cli(cluster, "dead", "purge", "--older-than", "1h").stdout
-    dry = cli_json(cluster, "dead", "purge", "--older-than", "0s", "--dry-run")
+    assert "deleted 0 dead letters" in cli(cluster, "dead", "purge", "--older-than", "1h", "--yes").stdout
+    backdate(cluster, letter, 2 * 3600)  # purge takes nothing younger than an hour
+    dry = cli_json(cluster, "dead", "purge", "--older-than", "1h", "--dry-run")
     assert dry["would_purge"] >= 1
     assert cli(cluster, "dead", "show", letter).returncode == 0
-    purged = cli_json(cluster, "dead", "purge", "--older-than", "0s")
+    purged = cli_json(cluster, "dead", "purge", "--older-than", "1h", "--yes")
     assert purged["purged"] == dry["would_purge"]
     assert cli(cluster, "dead", "show", letter).returncode == 1
-    assert cli_json(cluster, "dead", "list")["dead_letters"] == []
+    assert letter not in [x["id"] for x in cli_json(cluster, "dead", "list")["dead_letters"]]
 
 
 def test_dead_list_pages_with_a_cursor(cluster: Cluster) -> None:
