@@ -439,3 +439,48 @@ def test_django_tables_of_an_earlier_version_are_migrated_and_keep_their_rows(
         assert dead[0].outbox_id == dead[1].outbox_id and dead[0].id != dead[1].id
     finally:
         engine.dispose()
+
+
+# -- item 7: MySQL/MariaDB's clock whatever the server's time zone ---------------------------
+
+# 2024-10-27 in Europe/Paris: at 03:00 CEST the clocks go back to 02:00 CET, so every local
+# time from 02:00 to 03:00 happens twice. 02:30:00.25 local, the first time and the second:
+REPEATED_HOUR = [pytest.param(1729989000.25, id="02:30-CEST"), pytest.param(1729992600.25, id="02:30-CET")]
+
+
+@pytest.mark.parametrize("at", REPEATED_HOUR)
+def test_mysql_clock_is_right_in_the_autumns_repeated_hour(
+        maria_server: mariadb.MariaDBServer | None, tasks: ModuleType, at: float) -> None:
+    from types import SimpleNamespace
+
+    from mipos_worker import sql_outbox
+    from mipos_worker.django_outbox.clock import DatabaseNow
+    from mipos_worker.sql_outbox.schema import db_now
+
+    if maria_server is None:
+        pytest.skip("MariaDB is not installed (optional: apt-get install mariadb-server)")
+    engine = sa.create_engine(maria_server.create_database(f"tz_{uuid.uuid4().hex[:10]}"))
+    sql_outbox.create_tables(engine)
+    django_now, _ = DatabaseNow().as_sql(None, SimpleNamespace(vendor="mysql"))
+    try:
+        with engine.begin() as conn:
+            zone = conn.exec_driver_sql("SELECT @@time_zone, @@system_time_zone").one()
+            assert zone[0] == "SYSTEM" and zone[1] in ("CET", "CEST")  # the server runs in Paris
+            conn.exec_driver_sql(f"SET timestamp = {at}")  # the session's clock: that instant
+            task_id = sql_outbox.accept(conn, delivery_id=1, store_id="3", order_external_id="tz")
+            created_at = conn.execute(sa.select(sql_outbox.outbox_table.c.created_at)
+                                      .where(sql_outbox.outbox_table.c.task_id == task_id)).scalar_one()
+            relay_now = conn.execute(sa.select(db_now(engine.dialect))).scalar_one()
+            django = conn.exec_driver_sql(f"SELECT {django_now}").scalar_one()
+        assert created_at == pytest.approx(at, abs=1e-3)
+        assert relay_now == pytest.approx(at, abs=1e-3)
+        assert django == pytest.approx(at, abs=1e-3)
+    finally:
+        engine.dispose()
+
+
+def test_the_django_app_and_the_relay_read_the_same_clock() -> None:
+    from mipos_worker.django_outbox.clock import MYSQL_NOW as DJANGO
+    from mipos_worker.sql_outbox.schema import MYSQL_NOW as RELAY
+
+    assert DJANGO == RELAY

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.db import models
-from django.db.models.expressions import Expression
 
+from mipos_worker.django_outbox.clock import DatabaseNow
 
-class DatabaseNow(Expression):
-    """The database's clock in epoch seconds (what the relay subtracts from to get a row's age)."""
-
-    output_field = models.FloatField()
-
-    def as_sql(self, compiler: Any, connection: Any, **extra: Any) -> tuple[str, list[Any]]:
-        vendor = connection.vendor
-        if vendor == "postgresql":
-            return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)", []
-        if vendor == "sqlite":
-            return "((julianday('now') - 2440587.5) * 86400.0)", []
-        if vendor == "mysql":
-            return "CAST(UNIX_TIMESTAMP(NOW(6)) AS DOUBLE)", []
-        raise NotImplementedError(f"the mipos outbox does not support {vendor!r}")
+__all__ = ["DatabaseNow", "DeadOutboxRow", "OutboxRow"]
 
 
 class OutboxRow(models.Model):

@@ -61,6 +61,12 @@ dead_table = Table(
 Index("mipos_outbox_dead_moved_at", dead_table.c.moved_at)
 
 
+# Not UNIX_TIMESTAMP(NOW(6)): NOW() is the session's local time, and in the autumn's repeated
+# hour of a zone with daylight saving (time_zone=SYSTEM) turning it back into epoch seconds
+# picks the later of the two instants: one hour in the future. UTC_TIMESTAMP has no zone.
+MYSQL_NOW = "(TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6)) / 1e6)"
+
+
 def db_now(dialect: Dialect) -> ColumnElement[float]:
     """The database's current time in epoch seconds (sub-millisecond), as an SQL expression."""
     name = dialect.name
@@ -69,7 +75,7 @@ def db_now(dialect: Dialect) -> ColumnElement[float]:
     elif name == "sqlite":
         sql = "((julianday('now') - 2440587.5) * 86400.0)"
     elif name in ("mysql", "mariadb"):
-        sql = "CAST(UNIX_TIMESTAMP(NOW(6)) AS DOUBLE)"
+        sql = MYSQL_NOW
     else:
         raise NotImplementedError(
             f"the mipos outbox supports PostgreSQL, MySQL/MariaDB and SQLite, not {name!r}")
