@@ -13,7 +13,7 @@ from mipos_worker.terminal import EXIT_OK as EXIT_OK
 from mipos_worker.terminal import EXIT_USAGE as EXIT_USAGE
 from mipos_worker.terminal import duration_argument as duration_argument
 
-DEAD_REASONS = ("permanent", "attempts", "deadline", "invalid")
+DEAD_REASONS = ("permanent", "permanent_after_unknown", "attempts", "deadline", "invalid")
 
 
 def open_redis() -> tuple[redis.Redis, str]:

@@ -24,8 +24,8 @@ from worker.mipos.classification import Answer
 from worker.mipos.errors import AuthError, MiposError, TransientError
 from mipos_worker.order.model import Action, Order, OrderRequest
 from mipos_worker.order.stamps import STAMPS_KEY
-from worker.state.ledger import LedgerEntry, OrderLedger, Uncertain
-from worker.state.phases import Start
+from worker.state.ledger import LedgerEntry, OrderLedger, SendingMark, Uncertain
+from worker.state.phases import LOST_ATTEMPT, Start
 
 CREDENTIALS = {
     "MIPOS_CLIENT_ID": "id",
@@ -84,15 +84,23 @@ class FakePhases:
     finishes: list[dict[str, Any]] = field(default_factory=list)
 
     def begin(self, task_id: str, order: Order | None, action: Action, *, token_key: str, take_lock: bool,
-              lock_ttl_s: float, held: bool = False, resend: bool = False) -> Start:
+              lock_ttl_s: float, held: bool = False, resend: bool = False, enqueued_at: float = 0.0,
+              deadline_s: float = 0.0, sending_ttl_s: float = 0.0) -> Start:
         self.begins.append({"task_id": task_id, "order": order, "action": action, "token_key": token_key,
-                            "take_lock": take_lock, "lock_ttl_s": lock_ttl_s, "held": held, "resend": resend})
+                            "take_lock": take_lock, "lock_ttl_s": lock_ttl_s, "held": held, "resend": resend,
+                            "enqueued_at": enqueued_at, "deadline_s": deadline_s, "sending_ttl_s": sending_ttl_s})
         locked = take_lock and order is not None and self.lock_free
-        history = self.given.get("history", [])
+        history = list(self.given.get("history", []))
         done: LedgerEntry | None = self.given.get("done") if locked else None
         uncertain = self.given.get("uncertain") if locked else None
         breaker_open = bool(self.given.get("breaker_open", False)) and locked
-        interrupted = self.given.get("interrupted")
+        # A lost worker's sending mark: only the lock's holder sees it, and turns it into the
+        # order's uncertain mark (and the lost task's history record) in the same step.
+        interrupted: SendingMark | None = self.given.get("interrupted") if locked else None
+        if interrupted is not None:
+            uncertain = Uncertain(interrupted.action, interrupted.task_id, interrupted.at, interrupted.enqueued_at)
+            if interrupted.task_id == task_id:
+                history.append({**LOST_ATTEMPT, "attempt": interrupted.attempt, "at": self.clock.t})
         sendable = done is None or (resend and done.action == action.value)
         slot = self.given.get("slot", locked and sendable and not breaker_open and not held)
         last_unknown = bool(history) and bool(history[-1].get("outcome_unknown"))
@@ -117,11 +125,11 @@ class FakeLedger:
     def record_attempt(self, task_id: str, record: dict[str, Any], order: Order | None = None) -> None:
         self.calls.append(("record_attempt", task_id, dict(record), order))
 
-    def clear_sending(self, task_id: str) -> None:
-        self.calls.append(("clear_sending", task_id))
+    def clear_sending(self, order: Order, lock_id: str) -> None:
+        self.calls.append(("clear_sending", order, lock_id))
 
-    def mark_sending(self, task_id: str, attempt: int) -> None:
-        self.calls.append(("mark_sending", task_id, attempt))
+    def mark_sending(self, order: Order, mark: SendingMark, ttl_s: float) -> None:
+        self.calls.append(("mark_sending", mark.task_id, mark.attempt))
 
     def record_uncertain(self, order: Order, uncertain: Uncertain, ttl_s: float) -> None:
         self.calls.append(("record_uncertain", order, uncertain, ttl_s))
@@ -764,23 +772,20 @@ def test_a_timeout_marks_the_order_uncertain_and_says_so(world: World) -> None:
     assert len(world.breaker.named("record_failure")) == 1
 
 
+def lost_mark(task_id: str = TASK, action: str = "accept", sent_s_ago: float = 30.0) -> SendingMark:
+    return SendingMark(task_id, 1, action, NOW - sent_s_ago, T0, "lock-of-the-lost-worker")
+
+
 def test_a_lost_workers_attempt_is_recorded_unknown_and_settled(world: World) -> None:
-    world.phases.given["interrupted"] = 1
+    """The start turned the lost worker's mark into the uncertain mark and the unknown record
+    (one script, worker/state/phases.py): the story writes neither, and settles it."""
+    world.phases.given["interrupted"] = lost_mark()
     world.client.pending = [LISTED]
     world.client.answers = [OK]
     run = deliver(world)
 
     assert run.ending == Finished()
-    unknown = Uncertain("accept", TASK, NOW, T0)
-    assert world.ledger.calls[:3] == [
-        ("record_attempt", TASK, {"attempt": 1, "at": NOW, "outcome": "unknown", "http_status": None,
-                                  "error": "the worker was lost during the attempt", "error_class": "transient",
-                                  "retry_in_s": None, "elapsed_ms": None, "counted": True,
-                                  "outcome_unknown": True}, None),
-        ("clear_sending", TASK),
-        ("record_uncertain", ORDER, unknown, world.deadline_at - NOW + 60.0),
-    ]
-    assert world.ledger.calls[3:] == [("clear_uncertain", ORDER), ("mark_sending", TASK, 2)]
+    assert world.ledger.calls == [("clear_uncertain", ORDER), ("mark_sending", TASK, 2)]
     assert world.client.pending_calls == [("3", "tok-1")]
     line = run.line
     assert (line["attempt"], line["outcome"]) == (2, "accepted")
@@ -937,11 +942,111 @@ def test_still_listed_the_other_action_waits_for_the_slow_request_uncounted(worl
     line = run.line
     assert (line["outcome"], line["error_class"], line["previous_outcome"]) == (
         "retrying", "transient", "unknown")
-    assert line["error"] == "waiting for the earlier accept (task task-0, no answer 5.0s ago) to settle"
-    assert 0.5 <= line["retry_in_s"] <= 1.0
+    assert line["error"] == ("waiting for the earlier accept (task task-0, sent 5.0s ago, no answer) to land "
+                             "or not before deciding: one call may take 20s")
+    assert line["retry_in_s"] == pytest.approx(15.05)  # until one call's bound from when it was sent
     [stored] = the_finish(world)["records"]
     assert stored["counted"] is False
     assert world.ledger.named("clear_uncertain") == []
+
+
+def test_still_listed_the_same_action_waits_for_the_slow_request_uncounted(world: World) -> None:
+    """Issue 20: no second accept while the first may still land (sent 0.3 s ago; one call may take 20 s)."""
+    world.phases.given["uncertain"] = uncertain_accept(at=NOW - 0.3)
+    world.client.pending = [LISTED]
+    run = deliver(world)
+
+    assert isinstance(run.ending, ComeBack)
+    assert world.client.sent == []
+    line = run.line
+    assert (line["outcome"], line["previous_outcome"], line["waiting_for_task_id"]) == (
+        "retrying", "unknown", OTHER_TASK)
+    assert line["retry_in_s"] == pytest.approx(19.75)
+    [stored] = the_finish(world)["records"]
+    assert stored["counted"] is False
+    assert world.ledger.named("clear_uncertain") == []
+
+
+def test_the_wait_for_a_slow_request_keeps_the_deadline(world: World) -> None:
+    world.clock.t = world.deadline_at - 5.0  # the bound would end past the deadline
+    world.phases.given["uncertain"] = uncertain_accept(at=world.clock.t - 0.3)
+    world.client.pending = [LISTED]
+    run = deliver(world)
+
+    assert isinstance(run.ending, DeadLettered) and run.ending.reason == "deadline"
+    assert world.client.sent == []
+
+
+def test_a_lost_workers_accept_of_another_task_stops_a_deny(world: World) -> None:
+    """Issue 24: the accept of another task, whose worker was lost mid-request, is seen by the
+    deny that takes the lock next; gone from the list, it landed: the deny is never sent."""
+    world.phases.given["interrupted"] = lost_mark(task_id=OTHER_TASK)
+    world.client.pending = [NOT_LISTED]
+    run = deliver(world, Action.DENY)
+
+    assert isinstance(run.ending, DeadLettered) and run.ending.reason == "permanent"
+    assert world.client.sent == []
+    assert run.line["confirmed_by"] == "pending_list"
+    done = the_finish(world)["done"]
+    assert (done.action, done.task_id) == ("accept", OTHER_TASK)
+
+
+def test_a_copy_that_cannot_take_the_lock_does_not_touch_a_live_request(world: World) -> None:
+    world.phases.lock_free = False
+    world.phases.given["interrupted"] = lost_mark(sent_s_ago=0.5)  # the live copy's mark
+    run = deliver(world)
+
+    assert isinstance(run.ending, ComeBack)
+    assert world.ledger.calls == [] and world.client.sent == []
+    assert the_finish(world)["records"] == []
+
+
+def test_a_refusal_after_an_unanswered_same_action_that_landed_is_accepted(world: World) -> None:
+    world.phases.given["uncertain"] = uncertain_accept()
+    world.client.pending = [LISTED, NOT_LISTED]
+    world.client.answers = [NOT_FOUND]
+    run = deliver(world)
+
+    assert run.ending == Finished()
+    assert world.dead_letters.added == []
+    line = run.line
+    assert (line["outcome"], line["confirmed_by"], line["previous_outcome"]) == (
+        "accepted", "pending_list", "unknown")
+    assert line["refused_with"] == "Order not found." and line["landed_task_id"] == OTHER_TASK
+    done = the_finish(world)["done"]
+    assert (done.action, done.task_id, done.confirmed_by) == ("accept", OTHER_TASK, "pending_list")
+
+
+def test_a_refusal_while_still_listed_is_a_dead_letter(world: World) -> None:
+    world.phases.given["uncertain"] = uncertain_accept()
+    world.client.pending = [LISTED, LISTED]
+    world.client.answers = [NOT_FOUND]
+    run = deliver(world)
+
+    assert isinstance(run.ending, DeadLettered) and run.ending.reason == "permanent"
+    assert run.ending.error == "Order not found."
+
+
+def test_a_refusal_nobody_can_settle_has_its_own_reason(world: World) -> None:
+    world.phases.given["uncertain"] = uncertain_accept()
+    world.client.pending = [LISTED, LIST_UNREADABLE]
+    world.client.answers = [NOT_FOUND]
+    run = deliver(world)
+
+    assert isinstance(run.ending, DeadLettered) and run.ending.reason == "permanent_after_unknown"
+    assert run.ending.error is not None and run.ending.error.startswith(
+        "Order not found. (refused after the accept of task task-0, sent 60.0s earlier, whose answer never came")
+    assert run.line["unknown_task_id"] == OTHER_TASK
+
+
+def test_the_uncertain_mark_lasts_while_mipos_lists_the_order(world: World) -> None:
+    """Issue 24, item 4: with a 30 s deadline the mark still outlives mipos's 10-minute list."""
+    world = World({"MIPOS_RETRY_DEADLINE_S": "30"})
+    world.client.answers = [Answer.from_exception(requests.ReadTimeout("read timed out"), 1000.0)]
+    deliver(world)
+
+    [(_, _, _, ttl_s)] = world.ledger.named("record_uncertain")
+    assert ttl_s == pytest.approx(T0 + 600.0 + 60.0 - NOW)
 
 
 def test_still_listed_the_other_action_is_sent_once_the_slow_request_had_its_time(world: World) -> None:

@@ -120,10 +120,6 @@ def test_a_worker_refuses_the_broken_url_with_exit_2_without_printing_the_passwo
     assert "REDIS_URL is not a valid URL" in result.stderr and "percent-encode" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the Celery app reads REDIS_URL when `celery -A worker` imports it, before the worker's "
-    "celeryd_init check: Celery prints the SettingsError inside a traceback. One line needs "
-    "worker/__init__.py (or worker/wiring/celery_app.py) to turn it into exit 2 itself"))
 def test_a_worker_refuses_the_broken_url_in_one_line() -> None:
     result = worker_with_broken_url()
     assert "Traceback" not in result.stderr

@@ -18,7 +18,20 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        from worker.wiring.celery_app import app
-
-        return app
+        return _app()
     raise AttributeError(f"module 'worker' has no attribute {name!r}")
+
+
+def _app() -> Any:
+    """The app, or one line and exit 2 when a setting it is built from (REDIS_URL) is wrong:
+    ``celery -A worker`` would otherwise print "Unable to load celery application" and a traceback."""
+    import sys
+
+    from mipos_worker.settings import SettingsError
+
+    try:
+        from worker.wiring.celery_app import app
+    except SettingsError as exc:
+        print(f"mipos-worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return app

@@ -1,10 +1,13 @@
 """Before sending after an accept or deny whose answer never came: did it land at mipos?
 
 mipos's pending list tells: still listed (it did not land), gone while the
-order is young enough to be listed (it landed), or it cannot say. The same
-request may always be sent again (flagged as a possible duplicate); the other
-one (a deny after an unanswered accept, or the reverse) is never sent blind:
-it waits for the list, or is refused once nobody can know.
+order is young enough to be listed (it landed), or it cannot say. Nothing is
+sent while the unanswered request may still land: until it has had one call's
+bound since it was sent, a delivery comes back later (no attempt spent), for
+the same action as for the other. Then the same request may be sent again
+(flagged as a possible duplicate when nobody could tell); the other one (a deny
+after an unanswered accept, or the reverse) is never sent blind: it waits for
+the list, or is refused once nobody can know.
 """
 
 from __future__ import annotations
@@ -29,15 +32,17 @@ class SettleStep(Enum):
 def settle_step(*, same_action: bool, list_on: bool, list_failed: bool, listed: bool | None,
                 age_s: float, in_flight_for_s: float, call_bound_s: float) -> SettleStep:
     """``listed``: whether the pending list still had the order (None: not read)."""
+    may_still_land = in_flight_for_s < call_bound_s
+    readable = list_on and not list_failed
+    if readable and listed is False and age_s < PENDING_LIST_TRUSTED_FOR_S:
+        return SettleStep.LANDED  # gone from the list: mipos got the earlier request
+    if same_action:
+        # Sent again only once the unanswered one has had the time one call may take.
+        return SettleStep.WAIT_FOR_SLOW_REQUEST if may_still_land else SettleStep.SEND
     if not list_on:
-        return SettleStep.SEND if same_action else SettleStep.REFUSE
+        return SettleStep.REFUSE
     if list_failed:
-        return SettleStep.SEND if same_action else SettleStep.RETRY_LIST_FAILED
+        return SettleStep.RETRY_LIST_FAILED
     if listed:
-        # A slow request may yet land: the other action gives it the time one call may take.
-        if not same_action and in_flight_for_s < call_bound_s:
-            return SettleStep.WAIT_FOR_SLOW_REQUEST
-        return SettleStep.SEND
-    if age_s >= PENDING_LIST_TRUSTED_FOR_S:
-        return SettleStep.SEND if same_action else SettleStep.REFUSE
-    return SettleStep.LANDED
+        return SettleStep.WAIT_FOR_SLOW_REQUEST if may_still_land else SettleStep.SEND
+    return SettleStep.REFUSE  # gone, but too old for the list to tell

@@ -34,20 +34,20 @@ from mipos_worker.order.stamps import STAMPS_KEY, split_message
 from worker.attempt import retry
 from worker.attempt.line import AttemptLine
 from worker.attempt.record import AttemptRecord, History
-from worker.attempt.settle import SettleStep, settle_step
+from worker.attempt.settle import PENDING_LIST_TRUSTED_FOR_S, SettleStep, settle_step
 from worker.mipos.budget import attempt_budget
 from worker.mipos.classification import Answer, Verdict, classify
 from worker.mipos.errors import ErrorClass, MiposError
 from worker.mipos.pending import fetch_pending
-from worker.state.ledger import LedgerEntry, Uncertain
+from worker.state.ledger import LedgerEntry, SendingMark, Uncertain, remembered_until
 from worker.state.phases import Start
 
 logger = structlog.stdlib.get_logger("mipos.attempts")
 
 LOCK_BUSY_RETRY_S = (0.2, 1.0)  # another worker is sending this order right now
 RATE_BUSY_RETRY_S = (0.05, 0.3)  # the shared rate limit's second is full
-# An uncertain request is settled by its task's deadline; the mark stays a little longer.
-UNCERTAIN_MARGIN_S = 60.0
+# Come back this much after a slow request's bound has passed, so the list is read once it has.
+SETTLE_AFTER_BOUND_S = 0.05
 
 
 class Services(Protocol):
@@ -129,6 +129,7 @@ class Delivery:
         self.unwritten: list[dict[str, Any]] = []  # records the end's round trip writes
         self.start: Start | None = None
         self.marked: int | None = None  # the attempt the sending mark stands for
+        self.sent_at: float = self.now  # when the last request left (Redis's clock)
         self.breaker_heard = False  # an answer came: tells the breaker mipos is up
         self.closed = False  # the end's round trip was made
         self.dead_letter: DeadLettered | None = None
@@ -167,7 +168,7 @@ class Delivery:
             uncertain = start.uncertain or self._own_unknown_attempt()
             if uncertain is not None and (ending := self._settle(uncertain)):  # settled
                 return ending
-            return self._send(previous_unknown=uncertain is not None)  # sent, answered
+            return self._send(uncertain)  # sent, answered
 
     # -- received and checked -----------------------------------------------------
 
@@ -175,7 +176,8 @@ class Delivery:
         start = self.start = self.s.phases.begin(
             self.task_id, self.order, self.action, token_key=self.s.tokens.key, take_lock=take_lock,
             lock_ttl_s=timing.order_lock_ttl_s(self.settings), held=self.stamps.held,
-            resend=self.stamps.resend)
+            resend=self.stamps.resend, enqueued_at=self.enqueued_at,
+            deadline_s=self.settings.retry.deadline_s, sending_ttl_s=self._remembered_for_s())
         self.history = History(start.history)
         self.marked = start.marked
         if start.interrupted is not None:
@@ -192,14 +194,14 @@ class Delivery:
             return self._fail("deadline", "the next attempt was due after the deadline", ErrorClass.TRANSIENT)
         self._come_back(not_before - self.now)
 
-    def _note_interrupted(self, attempt: int) -> None:
-        """A worker died with a request of this task in flight: its outcome is unknown."""
-        record = AttemptRecord(attempt, self.now, "unknown", error="the worker was lost during the attempt",
-                               error_class="transient", elapsed_ms=None, outcome_unknown=True)
-        self.s.ledger.record_attempt(self.task_id, self.history.add(record))
-        self.s.ledger.clear_sending(self.task_id)
-        if self.order is not None:
-            self._mark_uncertain()
+    def _note_interrupted(self, lost: SendingMark) -> None:
+        """A worker died with a request of this order in flight (this task's or another's): the
+        start made it the order's uncertain mark and wrote the unknown attempt to that task's
+        history, in one step. Said once, for the operator."""
+        logger.warning("request_outcome_unknown", task_id=self.task_id, lost_task_id=lost.task_id,
+                       lost_attempt=lost.attempt, lost_action=lost.action, sent_at=lost.at,
+                       reason="the worker that sent it was lost before its answer was recorded",
+                       **self.order_fields)
 
     def _own_unknown_attempt(self) -> Uncertain | None:
         last = self.history.last_unknown()
@@ -254,21 +256,25 @@ class Delivery:
 
     # -- an earlier request whose answer never came -----------------------------------
 
+    def _read_pending_list(self) -> tuple[bool | None, Answer, MiposError | None]:
+        """Whether mipos still lists the order (None: the list is off, or could not be read)."""
+        assert self.request is not None
+        if not self.settings.confirm_with_pending_list:
+            return None, Answer(http_status=None), None
+        order = self.request.order
+        try:
+            pending, answer = fetch_pending(self.s.client, self.s.tokens, order.store_id)
+        except MiposError as exc:
+            return None, Answer(http_status=exc.http_status), exc
+        return any(item.external_id == order.order_external_id for item in pending), answer, None
+
     def _settle(self, uncertain: Uncertain) -> Ending | None:
         """None: send. Else the delivery ended (worker/attempt/settle.py has the decision)."""
         assert self.request is not None
         order, same = self.request.order, uncertain.action == self.action.value
         other = Action(uncertain.action)
         attempt = self.history.next_attempt()
-        listed: bool | None = None
-        answer = Answer(http_status=None)
-        problem: MiposError | None = None
-        if self.settings.confirm_with_pending_list:
-            try:
-                pending, answer = fetch_pending(self.s.client, self.s.tokens, order.store_id)
-                listed = any(item.external_id == order.order_external_id for item in pending)
-            except MiposError as exc:
-                problem = exc
+        listed, answer, problem = self._read_pending_list()
         step = settle_step(
             same_action=same, list_on=self.settings.confirm_with_pending_list, list_failed=problem is not None,
             listed=listed, age_s=self.clock() - min(self.enqueued_at, uncertain.enqueued_at),
@@ -289,10 +295,7 @@ class Delivery:
                     Verdict(ErrorClass.TRANSIENT, f"cannot tell whether {about}) reached mipos: {problem.message}"),
                     counted=True, fields=unknown)
             case SettleStep.WAIT_FOR_SLOW_REQUEST:
-                self._come_back_after_failure(  # nothing sent: not counted
-                    attempt, answer, Verdict(ErrorClass.TRANSIENT, f"waiting for {about}, no answer "
-                                             f"{self.clock() - uncertain.at:.1f}s ago) to settle"),
-                    counted=False, fields=unknown)
+                self._wait_for_slow_request(uncertain, attempt, answer, about)
             case SettleStep.REFUSE:
                 why = ("MIPOS_CONFIRM_WITH_PENDING_LIST is off, so mipos's pending list cannot settle it"
                        if not self.settings.confirm_with_pending_list else
@@ -320,13 +323,32 @@ class Delivery:
                                   confirmed_by="pending_list", done=done)
         raise AssertionError(f"unhandled settle step {step}")
 
+    def _wait_for_slow_request(self, uncertain: Uncertain, attempt: int, answer: Answer,
+                               about: str) -> NoReturn:
+        """Come back once the unknown request has had one call's bound since it was sent: by
+        then it has landed or never will. Nothing is sent, no attempt spent; the deadline holds."""
+        now = self.clock()
+        wait = max(0.0, uncertain.at + timing.call_bound_s(self.settings) - now) + SETTLE_AFTER_BOUND_S
+        error = (f"waiting for {about}, sent {now - uncertain.at:.1f}s ago, no answer) to land or not "
+                 f"before deciding: one call may take {timing.call_bound_s(self.settings):g}s")
+        if now + wait > self.deadline_at:
+            self._add(attempt, "failed", answer, Verdict(ErrorClass.TRANSIENT, error), counted=False)
+            raise _Ended(self._fail("deadline", error, ErrorClass.TRANSIENT, answer, attempt=attempt,
+                                    recorded=True, previous_outcome="unknown"))
+        self._add(attempt, "retrying", answer, Verdict(ErrorClass.TRANSIENT, error), counted=False,
+                  retry_in_s=wait)
+        self.line.emit(attempt=attempt, outcome="retrying", http_status=answer.http_status, error=error,
+                       error_class=ErrorClass.TRANSIENT.value, retry_in_s=wait, elapsed_ms=answer.elapsed_ms,
+                       previous_outcome="unknown", waiting_for_task_id=uncertain.task_id)
+        self._come_back(wait, reason=error)
+
     # -- sent and answered ----------------------------------------------------------
 
-    def _send(self, previous_unknown: bool) -> Ending:
+    def _send(self, uncertain: Uncertain | None) -> Ending:
         assert self.request is not None
         rejected_token: str | None = None
         counted = True
-        fields: dict[str, Any] = {"previous_outcome": "unknown"} if previous_unknown else {}
+        fields: dict[str, Any] = {"previous_outcome": "unknown"} if uncertain is not None else {}
         while True:
             attempt = self.history.next_attempt()
             sent, answer, verdict, token = self._one_request(attempt, rejected_token)
@@ -349,10 +371,46 @@ class Delivery:
                 self._mark_uncertain()
                 fields = {**fields, "outcome_unknown": True}
             if verdict.error_class is ErrorClass.PERMANENT:
+                if uncertain is not None and uncertain.action == self.action.value:
+                    return self._settle_refusal(uncertain, attempt, answer, verdict, counted)
                 self._add(attempt, "failed", answer, verdict, counted)
                 return self._fail("permanent", verdict.error, ErrorClass.PERMANENT, answer, attempt=attempt,
                                   recorded=True, **fields)
             self._come_back_after_failure(attempt, answer, verdict, counted, fields)
+
+    def _settle_refusal(self, uncertain: Uncertain, attempt: int, answer: Answer, verdict: Verdict,
+                        counted: bool) -> Ending:
+        """A permanent refusal after a request of the same action went unanswered: that request
+        may have landed, and mipos refuses the second for that very reason (``Order not
+        found.``). The pending list tells; a refusal nobody can settle has a reason of its own."""
+        assert self.request is not None
+        order = self.request.order
+        listed, list_answer, problem = self._read_pending_list()
+        age_s = self.clock() - min(self.enqueued_at, uncertain.enqueued_at)
+        earlier = (f"the {uncertain.action} of task {uncertain.task_id}, sent {self.clock() - uncertain.at:.1f}s "
+                   "earlier, whose answer never came")
+        if listed is False and age_s < PENDING_LIST_TRUSTED_FOR_S:  # it landed: mipos has the order
+            done = self.s.ledger.entry(order, self.action, uncertain.task_id, self.request.message,
+                                       confirmed_by="pending_list")
+            self._add(attempt, self.action.done_outcome, answer, Verdict(None), counted)
+            self._close(final=True, done=done)
+            self.line.emit(attempt=attempt, outcome=self.action.done_outcome, http_status=answer.http_status,
+                           elapsed_ms=answer.elapsed_ms, confirmed_by="pending_list", previous_outcome="unknown",
+                           refused_with=verdict.error, landed_task_id=uncertain.task_id)
+            return Finished()
+        self._add(attempt, "failed", answer, verdict, counted)
+        if listed:  # mipos still waits for the order: the refusal is real
+            return self._fail("permanent", verdict.error, ErrorClass.PERMANENT, answer, attempt=attempt,
+                              recorded=True, previous_outcome="unknown")
+        why = ("MIPOS_CONFIRM_WITH_PENDING_LIST is off" if not self.settings.confirm_with_pending_list else
+               f"the pending list could not be read ({problem.message})" if problem is not None else
+               f"the order is {age_s:.0f}s old, too old for mipos's pending list to tell")
+        return self._fail(
+            "permanent_after_unknown",
+            f"{verdict.error} (refused after {earlier}: that {uncertain.action} may have reached mipos, which "
+            f"would explain the refusal, and {why}; check the order at mipos before replaying)",
+            ErrorClass.PERMANENT, answer, attempt=attempt, recorded=True, previous_outcome="unknown",
+            unknown_task_id=uncertain.task_id)
 
     def _one_request(self, attempt: int, rejected: str | None) -> tuple[bool, Answer, Verdict, str | None]:
         """Get a token and send; ``sent`` is False when no token could be had."""
@@ -362,9 +420,13 @@ class Delivery:
             token = tokens.replace_rejected(rejected) if rejected else tokens.current(stored=self.start.token)
         except MiposError as exc:
             return False, Answer(http_status=exc.http_status), Verdict(exc.error_class, exc.message), None
+        self.sent_at = self.clock()
         if self.marked != attempt:  # not marked by the start (a resend, a probe, after settling)
             self._write_unwritten()
-            self.s.ledger.mark_sending(self.task_id, attempt)
+            assert self.start.locked
+            self.s.ledger.mark_sending(self.request.order, SendingMark(
+                self.task_id, attempt, self.action.value, self.sent_at, self.enqueued_at, self.start.lock_id),
+                ttl_s=self._remembered_for_s())
             self.marked = attempt
         answer = self.s.client.send(self.request, token)
         return True, answer, classify(answer), token
@@ -378,10 +440,15 @@ class Delivery:
             self.s.breaker.record_failure(verdict.error)
 
     def _mark_uncertain(self) -> None:
+        """The request just sent got no answer: remembered, from when it was sent, while the
+        task may retry and mipos may still act on the order (either action)."""
         assert self.order is not None
         self.s.ledger.record_uncertain(
-            self.order, Uncertain(self.action.value, self.task_id, self.clock(), self.enqueued_at),
-            ttl_s=self.deadline_at - self.clock() + UNCERTAIN_MARGIN_S)
+            self.order, Uncertain(self.action.value, self.task_id, self.sent_at, self.enqueued_at),
+            ttl_s=self._remembered_for_s())
+
+    def _remembered_for_s(self) -> float:
+        return remembered_until(self.enqueued_at, self.settings.retry.deadline_s) - self.clock()
 
     # -- the endings ------------------------------------------------------------------
 
@@ -470,8 +537,8 @@ class Delivery:
         """Before a second request in one delivery: its predecessor's record, and no mark."""
         for record in self.unwritten:
             self.s.ledger.record_attempt(self.task_id, record, self.order)
-        if self.unwritten:
-            self.s.ledger.clear_sending(self.task_id)
+        if self.unwritten and self.order is not None and self.start is not None and self.start.locked:
+            self.s.ledger.clear_sending(self.order, self.start.lock_id)
         self.unwritten = []
 
     def _close(self, *, final: bool, done: LedgerEntry | None = None) -> None:

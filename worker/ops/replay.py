@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from config import load_producer_settings
+from config import SettingsError, load_producer_settings
 from mipos_worker.order.model import ORDER_FIELDS, Action, Order
 from mipos_worker.order.stamps import Stamps
 from mipos_worker.state.connection import producer_redis
@@ -48,6 +48,8 @@ def replay_dead_letter(letter: DeadLetter) -> Replay:
     if current is not None and current.replayed:
         return _already_replayed(letter, current.replayed)
     order = Order(**{k: str(letter.order.get(k)) for k in ORDER_FIELDS})
+    if letter.reason == SETTLE_FIRST and (refused := _unless_still_listed(letter, order)) is not None:
+        return refused
     done = OrderLedger(client, settings.key_prefix).done(order)
     if done is not None:
         past = Action(done.action).done_outcome
@@ -67,6 +69,33 @@ def replay_dead_letter(letter: DeadLetter) -> Replay:
         raise
     Metrics(client, settings.key_prefix).count("mipos_replays_total", action=letter.action)
     return Replay(letter, "replayed", f"replayed: enqueued as task {task_id}", task_id)
+
+
+# Refused after a request of the same action went unanswered: that request may have landed
+# (worker/attempt/story.py, _settle_refusal). Replayed only while mipos still lists the order.
+SETTLE_FIRST = "permanent_after_unknown"
+
+
+def _unless_still_listed(letter: DeadLetter, order: Order) -> Replay | None:
+    """None when mipos's pending list still has the order; else why it is not replayed."""
+    from worker.mipos.errors import MiposError
+    from worker.mipos.pending import fetch_pending
+    from worker.wiring.runtime import get_runtime
+
+    try:
+        runtime = get_runtime()
+        pending, _ = fetch_pending(runtime.client, runtime.tokens, order.store_id)
+    except (MiposError, SettingsError) as exc:
+        return Replay(letter, "not_replayable",
+                      f"not replayed: an earlier {letter.action} of this order may have reached mipos, and "
+                      f"mipos's pending list, which would tell, could not be read ({exc}); check the order "
+                      "at mipos")
+    if any(item.external_id == order.order_external_id for item in pending):
+        return None
+    return Replay(letter, "not_replayable",
+                  f"not replayed: mipos no longer lists the order, so the earlier {letter.action} whose answer "
+                  "never came most likely landed (or the order expired); nothing to send; check the order at "
+                  "mipos")
 
 
 def _already_replayed(letter: DeadLetter, claim: dict[str, Any]) -> Replay:

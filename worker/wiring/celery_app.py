@@ -32,7 +32,7 @@ from mipos_worker.celery_app import QUEUE, app, transport_options
 from worker.logs.setup import bind_task_context, clear_task_context, configure_logging
 from worker.state.topology import follow_master_changes
 from worker.wiring import events_patch
-from worker.wiring.rescue import LostMessageSweeper
+from worker.wiring.rescue import LostMessageSweeper, install_requeue_notes
 from worker.wiring.runtime import flush_metrics, get_runtime
 
 __all__ = ["app"]
@@ -47,6 +47,7 @@ except SettingsError:
     # publishes, and publishing never re-queues anything.
     _delivery = load_delivery_settings({})
 events_patch.install()  # celery#10434: task events lost with the threads pool
+install_requeue_notes(_redis.key_prefix)  # a message handed back is noted before it is (rescue.py)
 if _redis.sentinel:
     follow_master_changes()  # one line when a failover moves this process to a new master
 
