@@ -229,6 +229,7 @@ def _redis_where() -> str:
 
 
 def _error(message: str) -> None:
+    from mipos_worker.terminal import printable
     from worker.logs.redaction import redact
 
-    print(f"mipos-worker: {redact(message)}", file=sys.stderr)
+    print(f"mipos-worker: {printable(redact(message))}", file=sys.stderr)

@@ -122,7 +122,11 @@ def test_the_worker_dead_letters_oversized_fields_sent_by_name(
     [line] = cluster.wait_final(order_id)
     assert (line["outcome"], line["fail_reason"]) == ("failed", "invalid")
     assert needle in line["error"]
-    assert dead_letter_of(cluster.redis, order_id).reason == "invalid"
+    letter = dead_letter_of(cluster.redis, order_id)
+    assert letter.reason == "invalid"
+    assert all(len(str(value)) <= 1001 for value in letter.order.values())  # kept, cut short
+    assert all(len(str(value)) <= 1001 for value in line.values() if isinstance(value, str)
+               and value is not line["error"])
     assert cluster.control.requests(order_external_id=order_id) == []
 
 

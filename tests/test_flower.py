@@ -22,7 +22,7 @@ from tests.conftest import Cluster, harvest_tokens
 
 USER = "ops"
 PASSWORD = f"pw-{secrets.token_urlsafe(12)}"
-AUTH_MESSAGE = "mipos-worker flower: FLOWER_BASIC_AUTH must be user:password[,user:password...]"
+AUTH_MESSAGE = "mipos-worker flower: FLOWER_BASIC_AUTH must be user:password"
 
 
 def base_env(redis_server: RedisServer, **extra: str) -> dict[str, str]:
@@ -78,9 +78,7 @@ def test_refuses_to_start_without_basic_auth(redis_server: RedisServer, extra: d
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("value", [
-    "admin", "admin:", ":{pw}", "admin:{pw},bob", "admin:{pw},", "admin:{pw},:x",
-], ids=["no-colon", "no-password", "no-user", "second-no-colon", "trailing-comma", "second-no-user"])
+@pytest.mark.parametrize("value", ["admin", "admin:", ":{pw}"], ids=["no-colon", "no-password", "no-user"])
 def test_malformed_basic_auth_is_refused_without_echoing_it(redis_server: RedisServer, value: str) -> None:
     password = f"Sekr1t-{secrets.token_hex(6)}"
     result = run_line(base_env(redis_server, PORT=str(free_port()),
@@ -109,10 +107,12 @@ def test_other_bad_settings_are_refused(redis_server: RedisServer, extra: dict[s
 # -- basic auth -----------------------------------------------------------------
 
 
-def test_basic_auth(redis_server: RedisServer, start_flower: StartFlower) -> None:
+def test_basic_auth(redis_server: RedisServer, start_flower: StartFlower, tmp_path: Path) -> None:
     other_password = secrets.token_urlsafe(9)
-    flower = start_flower(base_env(redis_server,
-                                   FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}, viewer:{other_password}"))
+    users = tmp_path / "flower-users"  # several users: the users file (FLOWER_BASIC_AUTH takes one)
+    users.write_text(f"{USER}:{PASSWORD}\nviewer:{other_password}\n")
+    users.chmod(0o600)
+    flower = start_flower(base_env(redis_server, FLOWER_BASIC_AUTH_FILE=str(users)))
 
     assert flower.get("/")[0] == 401
     assert flower.get("/tasks")[0] == 401

@@ -101,8 +101,10 @@ def write_users(path: Path, text: str) -> Path:
 # -- item 3: a comma in a password -------------------------------------------------
 
 
-@pytest.mark.parametrize("template", ["admin:pa,ss:{rest}", "admin:{rest},viewer:{rest}2"],
-                         ids=["comma-in-password", "bare-comma-list"])
+@pytest.mark.parametrize("template", ["admin:pa,ss:{rest}", "admin:{rest},viewer:{rest}2",
+                                      "admin:pa, ss:{rest}", "admin:{rest}, viewer:{rest}2"],
+                         ids=["comma-in-password", "bare-comma-list", "comma-space-in-password",
+                              "comma-space-list"])
 def test_a_comma_that_could_be_inside_a_password_is_refused(redis_server: RedisServer, template: str) -> None:
     """``admin:pa,ss:w0rd...`` was two logins, ``admin:pa`` and ``ss:w0rd...``; the intended one refused."""
     rest = f"w0rd-{secrets.token_hex(8)}"

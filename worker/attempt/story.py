@@ -582,7 +582,15 @@ class _Ended(Exception):
         self.ending = ending
 
 
+# What a line or a dead letter keeps of an argument another producer sent by name: the checks
+# (mipos_worker/order/model.py) refuse longer ids and messages, and this keeps a refused one
+# from filling Redis and the logs.
+LOGGABLE_CHARS = 1000
+
+
 def loggable(value: Any) -> Any:
-    if value is None or isinstance(value, (str, int, float, bool)):
+    if isinstance(value, str):
+        return value if len(value) <= LOGGABLE_CHARS else value[:LOGGABLE_CHARS] + "…"
+    if value is None or isinstance(value, (int, float, bool)):
         return value
     return repr(value)[:200]

@@ -8,10 +8,10 @@ without echoing a password) and the ``mipos_*`` metrics are added to Flower's
 Environment:
 
 ``FLOWER_BASIC_AUTH``
-    ``user:password``, or several separated by a comma and a space
-    (``ops:pw1, viewer:pw2``). A password cannot contain a comma: Flower splits
-    at every comma, so ``admin:pa,ss:w0rd`` would be the two logins
-    ``admin:pa`` and ``ss:w0rd``; a comma with no space after it is refused.
+    one ``user:password``. No comma: Flower splits at every comma, so
+    ``admin:pa,ss:w0rd`` would be the two logins ``admin:pa`` and ``ss:w0rd``
+    (and ``a:x, b:y`` as much as ``a:x,b:y``), so any comma is refused; several
+    users, or a password with a comma, go in ``FLOWER_BASIC_AUTH_FILE``.
     Either this or ``FLOWER_BASIC_AUTH_FILE`` is required, unless
     ``FLOWER_LOCAL`` is true. It appears on no command line and in no log line.
     User names and passwords must be ASCII, here and in the file below: Flower
@@ -101,8 +101,7 @@ RETRY_LINE = "celery.exceptions.Retry: "
 RETRY_DELAY = re.compile(r"^Retry in (\d+(?:\.\d+)?)s")
 USERS_VARIABLE = "FLOWER_BASIC_AUTH"
 USERS_FILE_VARIABLE = "FLOWER_BASIC_AUTH_FILE"
-AUTH_FORMAT = "FLOWER_BASIC_AUTH must be user:password[,user:password...]"
-BARE_COMMA = re.compile(r",(?!\s)")
+AUTH_FORMAT = "FLOWER_BASIC_AUTH must be user:password"
 ASCII_ONLY = ("user names and passwords must be ASCII: Flower cannot compare other characters "
               "(every request would fail with an error)")
 
@@ -134,17 +133,18 @@ def parse_basic_auth(value: str) -> list[str]:
     """FLOWER_BASIC_AUTH's ``user:password`` entries, or ConfigError (whose text never holds a password).
 
     Flower would split the value at every comma, so a password holding one became two
-    logins that nobody meant (``admin:pa,ss:w0rd``: ``admin:pa`` and ``ss:w0rd``). A list
-    is written with a comma and a space; a comma with no space after it is refused.
+    logins that nobody meant (``admin:pa,ss:w0rd``: ``admin:pa`` and ``ss:w0rd``), and
+    no way of writing a list can tell a separator from a comma in a password: one user
+    here, no comma; several in the users file.
     """
-    entries = [entry.strip() for entry in value.split(",")]
+    if "," in value:
+        raise ConfigError(
+            f"{USERS_VARIABLE} has a comma: Flower would split it there into other logins than the "
+            f"one meant, so it takes one user:password without a comma; list several users, or a "
+            f"password with a comma, in {USERS_FILE_VARIABLE}, one user:password per line")
+    entries = [value.strip()]
     if not all(is_user_password(entry) for entry in entries):
         raise ConfigError(AUTH_FORMAT)
-    if BARE_COMMA.search(value):
-        raise ConfigError(
-            f"{USERS_VARIABLE} has a comma with no space after it: Flower splits at every comma, so a "
-            "password cannot contain one (it would become two other logins); separate several users "
-            f"with ', ', or list them in {USERS_FILE_VARIABLE}, one user:password per line")
     if not value.isascii():
         raise ConfigError(f"{USERS_VARIABLE}: {ASCII_ONLY}")
     return entries
