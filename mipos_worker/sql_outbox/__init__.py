@@ -15,6 +15,7 @@ from mipos_worker.sql_outbox.background import RelayThread, start_relay_thread
 from mipos_worker.sql_outbox.relay import (
     BatchResult,
     OutboxStatus,
+    PublishFailed,
     RedisUnavailable,
     Relay,
 )
@@ -30,7 +31,7 @@ def create_tables(bind: object) -> None:
 
 
 __all__ = [
-    "BatchResult", "OutboxStatus", "RedisUnavailable", "Relay", "RelayThread", "accept",
+    "BatchResult", "OutboxStatus", "PublishFailed", "RedisUnavailable", "Relay", "RelayThread", "accept",
     "create_tables", "dead_table", "deny", "metadata", "outbox_table", "pending_upgrades",
     "start_relay_thread", "upgrade_tables",
 ]

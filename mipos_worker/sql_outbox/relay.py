@@ -263,29 +263,32 @@ class Relay:
     def _move_aside(self, conn: Connection, row: Row[Any], reason: str) -> None:
         """Copied in SQL, byte for byte, whatever the row holds; then deleted."""
         t = outbox_table.c
+        upgraded = self._dead_table_upgraded(conn)
         conn.execute(insert(dead_table).from_select(
-            [self._dead_id_column(conn), "task_id", "action", "arguments", "created_at", "moved_at", "reason"],
-            select(self._dead_id(conn, row), t.task_id, t.action, t.arguments, t.created_at, self.now,
-                   literal(reason[:2000], Text())).where(t.id == row.id)))
+            ["outbox_id" if upgraded else "id", "task_id", "action", "arguments", "created_at", "moved_at",
+             "reason"],
+            select(t.id if upgraded else self._old_dead_id(conn), t.task_id, t.action, t.arguments,
+                   t.created_at, self.now, literal(reason[:2000], Text())).where(t.id == row.id)))
         self._delete(conn, [row.id])
         log(logger, logging.ERROR, "outbox_row_moved_aside", relay=self.name, row_id=row.id,
             task_id=shown(row.task_id), action=shown(row.action), reason=reason, table=dead_table.name)
 
-    def _dead_id_column(self, conn: Connection) -> str:
-        """``outbox_id``; ``id`` in a dead table not yet upgraded (upgrade.py), with a warning."""
+    def _dead_table_upgraded(self, conn: Connection) -> bool:
+        """The dead table's shape (upgrade.py), read at the first move; a warning when it is old."""
         if self._dead_upgraded is None:
             self._dead_upgraded = dead_table_upgraded(conn)
             if not self._dead_upgraded:
                 log(logger, logging.WARNING, "outbox_tables_not_upgraded", relay=self.name,
                     pending=pending_upgrades(conn),
                     fix="mipos_worker.sql_outbox.upgrade_tables(engine), or the README's SQL")
-        return "outbox_id" if self._dead_upgraded else "id"
+        return self._dead_upgraded
 
-    def _dead_id(self, conn: Connection, row: Row[Any]) -> Any:
-        """The row's outbox id; in a dead table not yet upgraded on SQLite, where outbox ids
-        repeat, a free id when that one is taken (the row is kept; its task id says which)."""
+    @staticmethod
+    def _old_dead_id(conn: Connection) -> Any:
+        """The id of a row moved into a dead table not yet upgraded: its outbox id; on SQLite,
+        where outbox ids repeat, a free id when that one is taken (the task id says which)."""
         t, dead = outbox_table.c, dead_table.c
-        if self._dead_upgraded or conn.dialect.name != "sqlite":
+        if conn.dialect.name != "sqlite":
             return t.id
         taken = exists().where(dead.id == t.id)
         free = select(func.coalesce(func.max(dead.id), 0) + 1).scalar_subquery()
