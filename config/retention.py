@@ -23,17 +23,14 @@ mipos's pending list (10 minutes) plus the reconciliation grace and interval.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
+from config.model import WorkerSettings
 from config.timing import (
     attempt_bound_s,
     attempt_margin_s,
     rescue_after_s,
     visibility_timeout_s,
 )
-
-if TYPE_CHECKING:
-    from config.settings import WorkerSettings
 
 PENDING_LIST_WINDOW_S = 600.0  # mipos lists an unanswered order for 10 minutes
 

@@ -29,12 +29,10 @@ numbers when it is built, from the same settings, in every process.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Union, cast
+from typing import Protocol
 
+from config.model import DeliverySettings
 from mipos_worker.names import QUEUE as QUEUE  # the queue's name is the POS side's
-
-if TYPE_CHECKING:
-    from config.settings import DeliverySettings, WorkerSettings
 
 # A countdown longer than the visibility timeout gets the message delivered
 # twice (kombu#337). Long waits are therefore cut into hops of at most this
@@ -60,11 +58,19 @@ MAX_MARGIN_S = 30.0
 # What the default visibility timeout adds on top of hop + attempt bound (>= MAX_MARGIN_S).
 VISIBILITY_SLACK_S = 30.0
 
-AnySettings = Union["WorkerSettings", "DeliverySettings"]
+
+class HoldsDelivery(Protocol):
+    """Settings that hold the delivery numbers (config.model.WorkerSettings)."""
+
+    @property
+    def delivery(self) -> DeliverySettings: ...
+
+
+AnySettings = DeliverySettings | HoldsDelivery
 
 
 def _numbers(settings: AnySettings) -> DeliverySettings:
-    return cast("DeliverySettings", getattr(settings, "delivery", settings))  # a WorkerSettings holds one
+    return settings if isinstance(settings, DeliverySettings) else settings.delivery
 
 
 def call_bound_for(timeout_s: float) -> float:
