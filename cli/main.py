@@ -33,7 +33,7 @@ from cli.dead import (
 )
 from cli.orders import cmd_enqueue, cmd_order, cmd_pending
 from cli.output import CliError, emit_json, table
-from mipos_worker.command import add_outbox_commands
+from mipos_worker.command import add_outbox_commands, add_version_argument
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(REDIS_URL, MIPOS_*).",
         epilog="Exit codes: 0 ok, 1 a problem (one line on stderr; doctor: a failed check), 2 bad usage.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     enqueue = commands.add_parser("enqueue", parents=[common], help="enqueue an accept or deny, as the POS does",

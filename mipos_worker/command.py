@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import signal
 import sys
 import threading
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,32 @@ from mipos_worker.terminal import (
 )
 
 DATABASE_URL_ENV = "MIPOS_OUTBOX_DATABASE_URL"
+DISTRIBUTION = "mipos-worker"
+# Beside the package in the worker's checkout; not in a POS's site-packages.
+CHECKOUT_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's, when it was installed); in a
+    checkout that is not installed, its pyproject.toml's; else ``unknown``."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return _checkout_version() or "unknown"
+
+
+def _checkout_version() -> str | None:
+    try:
+        project = tomllib.loads(CHECKOUT_PYPROJECT.read_text(encoding="utf-8")).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    found = project.get("version") if project.get("name") == DISTRIBUTION else None
+    return found if isinstance(found, str) else None
+
+
+def add_version_argument(parser: argparse.ArgumentParser) -> None:
+    """``--version``: ``mipos-worker 0.2.0``, and exit."""
+    parser.add_argument("--version", action="version", version=f"{DISTRIBUTION} {version()}")
 
 
 def add_outbox_commands(commands: Any, common: argparse.ArgumentParser | None = None) -> None:
@@ -155,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="mipos-worker",
         description="The POS side of mipos-worker: the relay of the outbox in the POS's database. "
                     "The operator's commands (doctor, dead, order, ...) run from the worker's checkout.")
+    add_version_argument(parser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON for scripts instead of a table")
