@@ -6,6 +6,12 @@ needs all of them. Every process that opens a broker connection also reads the
 two numbers the visibility timeout is derived from (``load_delivery_settings``),
 so that all of them agree with the workers on it. The loaders collect every
 problem before raising, so one message names every bad setting.
+
+The two mipos secrets may each come from a file instead (``SettingsReader.secret``):
+``MIPOS_CLIENT_SECRET_FILE`` and ``MIPOS_PASSWORD_FILE`` hold the path of a file
+whose content (its trailing newline stripped) is the secret, as Docker and
+Kubernetes secrets are mounted. Setting a secret and its file form is refused;
+each file is read once, at start.
 """
 
 from __future__ import annotations
@@ -77,12 +83,22 @@ def _read_base_url(reader: SettingsReader) -> str:
 
 
 def _read_secret(reader: SettingsReader, name: str) -> str:
-    value = reader.required(name)
+    """``name`` or its file form (``<name>_FILE``), required, long enough to redact."""
+    value = reader.secret(name, required=True) or ""
     if value and len(value) < MIN_SECRET_LENGTH:
+        source = f"{name}_FILE's content" if name in reader.from_files else name
         reader.problems.append(
-            f"{name} is shorter than {MIN_SECRET_LENGTH} characters: too short to keep out of "
+            f"{source} is shorter than {MIN_SECRET_LENGTH} characters: too short to keep out of "
             "the logs (replacing it would rewrite ordinary text and give it away); use a longer one")
     return value
+
+
+def configured_secrets(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The client secret and the password, from either form, for a process that keeps them out
+    of what it shows without loading the worker's settings (Flower's pages); a form that cannot
+    be read gives nothing (the worker reports it)."""
+    reader = SettingsReader(os.environ if env is None else env)
+    return tuple(value for name in SECRET_NAMES if (value := reader.secret(name)))
 
 
 def load_delivery_settings(env: Mapping[str, str] | None = None) -> DeliverySettings:

@@ -4,6 +4,12 @@ The worker reads these the same way (``config/`` builds its settings on this
 module), so a POS and the workers agree on the broker, the key prefix and the
 retention of the task index. The loaders collect every problem before raising,
 so one message names every bad setting.
+
+A secret may come from a file, the form Docker and Kubernetes secrets take: the
+variable ``<NAME>_FILE`` holds the file's path (``SettingsReader.secret``,
+``secret_file``). Here that is ``REDIS_PASSWORD_FILE``: the password for
+REDIS_URL, which must then carry none of its own (``read_redis``). Each file is
+read once per process, its trailing newline stripped.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import SplitResult, quote, unquote_plus, urlsplit, urlunsplit
 
@@ -48,6 +55,9 @@ TLS_FILE_KEYS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 TLS_KEYS = (*TLS_FILE_KEYS, "ssl_check_hostname", "ssl_cert_reqs")
 CERT_REQS = {"required": "required", "cert_required": "required", "optional": "optional",
              "cert_optional": "optional", "none": "none", "cert_none": "none"}
+# A secret's file form: MIPOS_PASSWORD_FILE for MIPOS_PASSWORD, and so on.
+FILE_SUFFIX = "_FILE"
+REDIS_PASSWORD_FILE = "REDIS_PASSWORD_FILE"
 
 
 
@@ -99,6 +109,35 @@ def parse_boolean(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean")
 
 
+class SecretFileError(ValueError):
+    """Why a secret's file cannot be used; the message never holds any of its content."""
+
+
+_secret_files: dict[str, str] = {}  # path -> content: each file read once per process
+
+
+def read_secret_file(path: str) -> str:
+    """The secret a file holds: its text without the trailing newline, read at the first call for
+    ``path`` and kept (a forked child keeps it too), so it is read once, at start. A file that
+    cannot be read, is not UTF-8, is empty or holds more than one line is refused."""
+    if path in _secret_files:
+        return _secret_files[path]
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SecretFileError(f"cannot be read ({exc.strerror or type(exc).__name__})") from None
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise SecretFileError("is not UTF-8 text") from None  # the error would quote a byte
+    if not text.strip():
+        raise SecretFileError("is empty")
+    if "\n" in text or "\r" in text:
+        raise SecretFileError("holds more than one line: a secret's file holds the secret alone")
+    _secret_files[path] = text
+    return text
+
+
 class SettingsReader:
     """Reads typed values from an environment, remembering every problem."""
 
@@ -106,6 +145,7 @@ class SettingsReader:
         self.env = env
         self.problems: list[str] = []
         self.seen: dict[str, str | None] = {}  # every name read, and its value then
+        self.from_files: set[str] = set()  # the secrets read from their file form
 
     def raw(self, name: str, default: str | None) -> str | None:
         value = self.env.get(name)
@@ -120,6 +160,35 @@ class SettingsReader:
             self.problems.append(f"{name} is required but not set")
             return ""
         return value
+
+    def secret_file(self, name: str) -> str | None:
+        """The secret in the file the variable ``name`` names (REDIS_PASSWORD_FILE, ...); None when
+        ``name`` is unset or the file cannot be used (a problem naming ``name``, never the content)."""
+        path = self.raw(name, None)
+        if path is None:
+            return None
+        try:
+            return read_secret_file(path)
+        except SecretFileError as exc:
+            self.problems.append(f"{name}={path!r} {exc}")
+            return None
+
+    def secret(self, name: str, *, required: bool = False) -> str | None:
+        """``name``'s value, or the secret in the file ``<name>_FILE`` names; both set is a problem
+        naming both. None when neither gives one (a problem too when ``required``)."""
+        file_name = name + FILE_SUFFIX
+        value = self.raw(name, None)
+        if self.raw(file_name, None) is None:
+            if value is None and required:
+                self.problems.append(f"{name} (or {file_name}) is required but not set")
+            return value
+        if value is not None:
+            self.problems.append(f"{name} and {file_name} are both set: set only one")
+            return None
+        found = self.secret_file(file_name)
+        if found is not None:
+            self.from_files.add(name)
+        return found
 
     def parsed(self, name: str, default: str, parse: Callable[[str], T], expected: str) -> T | None:
         text = self.raw(name, default)
@@ -403,10 +472,11 @@ def read_redis(reader: SettingsReader) -> RedisSettings:
     sentinel_password = reader.raw("REDIS_SENTINEL_PASSWORD", None)
     ack = reader.whole_number("REDIS_MIN_REPLICAS_ACK", "0")
     ack_timeout = reader.positive_float("REDIS_REPLICA_ACK_TIMEOUT_S", "1")
+    password = reader.secret_file("REDIS_PASSWORD_FILE")
     if is_sentinel_url(text):
-        url = _read_sentinel_url(reader, text, master)
+        url = _read_sentinel_url(reader, text, master, password)
     else:
-        url = _read_single_url(reader, text, master, sentinel_password)
+        url = _read_single_url(reader, text, master, sentinel_password, password)
     return RedisSettings(
         url=url,
         key_prefix=reader.raw("MIPOS_REDIS_PREFIX", "mipos:") or "mipos:",
@@ -417,8 +487,16 @@ def read_redis(reader: SettingsReader) -> RedisSettings:
     )
 
 
-def _read_sentinel_url(reader: SettingsReader, text: str, master: str | None) -> str:
-    """The Sentinel URLs, each spelled out in full (normalized_sentinel_url)."""
+# Why REDIS_PASSWORD_FILE and a password in REDIS_URL are refused together: which one counts
+# would be a guess, and a stale one would be sent without a word.
+TWO_REDIS_PASSWORDS = (f"REDIS_URL has a password and {REDIS_PASSWORD_FILE} is set: give the "
+                       f"password in one place only (remove it from REDIS_URL to use the file)")
+
+
+def _read_sentinel_url(reader: SettingsReader, text: str, master: str | None,
+                       password: str | None = None) -> str:
+    """The Sentinel URLs, each spelled out in full (normalized_sentinel_url); ``password``
+    (REDIS_PASSWORD_FILE's) is the master's."""
     target, problems = parse_sentinel_url(text)
     reader.problems.extend(problems)
     if master is None:
@@ -427,6 +505,10 @@ def _read_sentinel_url(reader: SettingsReader, text: str, master: str | None) ->
             "name the master the Sentinels monitor (e.g. REDIS_SENTINEL_MASTER=mymaster)")
     if target is None:
         return text
+    if password is not None:
+        if target.password is not None:
+            reader.problems.append(TWO_REDIS_PASSWORDS)
+        target = replace(target, password=password)
     if target.tls:
         # TLS to the Sentinels and to Redis: spelled out, as for rediss:// URLs.
         tls = read_tls_query(target.query)
@@ -436,8 +518,9 @@ def _read_sentinel_url(reader: SettingsReader, text: str, master: str | None) ->
 
 
 def _read_single_url(reader: SettingsReader, text: str, master: str | None,
-                     sentinel_password: str | None) -> str:
-    """One redis:// or rediss:// URL, its TLS options spelled out (verified_redis_url)."""
+                     sentinel_password: str | None, password: str | None = None) -> str:
+    """One redis:// or rediss:// URL, its TLS options spelled out (verified_redis_url), with
+    ``password`` (REDIS_PASSWORD_FILE's) written into it."""
     for name, value in (("REDIS_SENTINEL_MASTER", master),
                         ("REDIS_SENTINEL_PASSWORD", sentinel_password)):
         if value is not None:
@@ -460,7 +543,22 @@ def _read_single_url(reader: SettingsReader, text: str, master: str | None,
                                "use rediss:// for TLS, or remove them")
         return text
     reader.problems.extend(tls.problems)
-    return verified_redis_url(text)
+    url = verified_redis_url(text)
+    if password is None:
+        return url
+    if parts.password:
+        reader.problems.append(TWO_REDIS_PASSWORDS)
+        return url
+    return with_password(url, password)
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` (one without a password) with ``password`` in it, percent-encoded, so that every
+    client (redis-py, kombu) decodes it once to what the file holds; a user name is kept."""
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 _loaded: dict[Callable[..., Any], tuple[dict[str, str | None], Any]] = {}
