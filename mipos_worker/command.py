@@ -86,7 +86,8 @@ def add_outbox_subcommands(outbox: argparse.ArgumentParser, common: argparse.Arg
     _database_argument(relay)
     relay.add_argument("--batch-size", type=int, default=100, help="rows per batch (default 100)")
     relay.add_argument("--poll-interval", type=duration_argument, default=0.5, metavar="DURATION",
-                       help="how often to look for new rows (default 0.5s)")
+                       help="how often to look for new rows (default 0.5s); on PostgreSQL (psycopg) "
+                            "the relay is woken by each commit's NOTIFY and this is the safety net")
     relay.add_argument("--report-every", type=duration_argument, default=30.0, metavar="DURATION",
                        help="how often to log the backlog line (default 30s)")
     relay.add_argument("--lease", type=duration_argument, default=30.0, metavar="DURATION",

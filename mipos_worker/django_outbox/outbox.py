@@ -1,6 +1,7 @@
 """``accept(...)`` / ``deny(...)``: the request, written in the caller's ``transaction.atomic()``.
 
-Checked as ``delay()`` checks it before anything is written; no Redis here.
+Checked as ``delay()`` checks it before anything is written; no Redis here. On
+PostgreSQL a NOTIFY in the same transaction wakes the relay process on commit.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from typing import Any
 
 from mipos_worker.order.model import Action
 from mipos_worker.order.request_check import check_request
+
+# The channel the relay LISTENs on (mipos_worker.sql_outbox.listen.CHANNEL; that module needs
+# SQLAlchemy, which a Django POS need not have).
+NOTIFY_CHANNEL = "mipos_outbox"
 
 
 def accept(*, using: str | None = None, **arguments: Any) -> str:
@@ -25,7 +30,7 @@ def deny(*, using: str | None = None, **arguments: Any) -> str:
 
 
 def _write(action: Action, arguments: dict[str, Any], using: str | None) -> str:
-    from django.db import router, transaction
+    from django.db import connections, router, transaction
 
     from mipos_worker.django_outbox.models import DatabaseNow, OutboxRow
 
@@ -36,6 +41,10 @@ def _write(action: Action, arguments: dict[str, Any], using: str | None) -> str:
         task_id=task_id, action=action.value,
         arguments=json.dumps(request.body(), ensure_ascii=False, separators=(",", ":")),
         created_at=DatabaseNow(), tries=0)
+    connection = connections[database]
+    if connection.vendor == "postgresql":  # the relay process LISTENs; delivered on commit only
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
     transaction.on_commit(_wake_relays, using=database)
     return task_id
 

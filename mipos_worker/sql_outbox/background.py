@@ -2,7 +2,7 @@
 
 The thread is the safety net (it polls); the after-commit hook only makes the
 common case fast. A POS that runs ``mipos-worker outbox relay`` as a process
-of its own needs neither.
+of its own needs neither: on PostgreSQL that process is woken by NOTIFY (listen.py).
 """
 
 from __future__ import annotations
@@ -24,14 +24,17 @@ _hooked_engines: set[int] = set()
 
 class RelayThread:
     def __init__(self, engine: Engine, *, poll_interval_s: float = 1.0, report_every_s: float = 60.0,
-                 after_commit: bool = True, **relay_options: Any) -> None:
+                 after_commit: bool = True, listen: bool = False, **relay_options: Any) -> None:
+        """``listen``: on PostgreSQL, also LISTEN for other processes' commits (one more
+        connection per POS process; the relay process listens by default)."""
         self.relay = Relay(engine, **relay_options)
         self.stop_event = threading.Event()
         self.wake_event = threading.Event()
         self.thread = threading.Thread(
             target=self.relay.run_forever, name=f"mipos-outbox-relay-{self.relay.name}", daemon=True,
             args=(self.stop_event, self.wake_event),
-            kwargs={"poll_interval_s": poll_interval_s, "report_every_s": report_every_s})
+            kwargs={"poll_interval_s": poll_interval_s, "report_every_s": report_every_s, "listen": listen,
+                    "eager": after_commit})
         if after_commit:
             install_after_commit_hooks(engine)
             _woken.append(self.wake_event)

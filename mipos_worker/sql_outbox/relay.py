@@ -45,6 +45,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 
 from mipos_worker.logs import log
 from mipos_worker.order.stamps import Stamps
+from mipos_worker.sql_outbox.listen import Listener, can_listen
 from mipos_worker.sql_outbox.message import read_message, shown
 from mipos_worker.sql_outbox.schema import (
     db_now,
@@ -314,9 +315,31 @@ class Relay:
 
     def run_forever(self, stop: threading.Event, wake: threading.Event | None = None, *,
                     poll_interval_s: float = 1.0, report_every_s: float = 30.0,
-                    max_backoff_s: float = 5.0) -> None:
-        """Until ``stop`` is set: publish, then sleep ``poll_interval_s`` or until ``wake``."""
+                    max_backoff_s: float = 5.0, listen: bool | None = None,
+                    eager: bool | None = None) -> None:
+        """Until ``stop`` is set: publish, then sleep ``poll_interval_s`` or until ``wake``.
+
+        ``listen`` (default: on PostgreSQL): a listener thread wakes the relay at each commit
+        that wrote a row (listen.py); the polling stays as the safety net. ``eager`` (default:
+        when not listening): a wake that found nothing looks again a few times over 200 ms,
+        for SQLAlchemy Core's commit hook, which fires just before the commit (background.py);
+        a notification comes after the commit and needs none.
+        """
         wake = wake or threading.Event()
+        if listen is False or not can_listen(self.engine):
+            self._loop(stop, wake, poll_interval_s, report_every_s, max_backoff_s,
+                       eager=True if eager is None else eager)
+            return
+        done = threading.Event()
+        listener = Listener(self.engine, wake, done, relay_name=self.name).start()
+        try:
+            self._loop(stop, wake, poll_interval_s, report_every_s, max_backoff_s, eager=bool(eager))
+        finally:
+            done.set()
+            listener.join()
+
+    def _loop(self, stop: threading.Event, wake: threading.Event, poll_interval_s: float,
+              report_every_s: float, max_backoff_s: float, *, eager: bool) -> None:
         backoff = poll_interval_s
         next_report = 0.0
         eager_until = 0.0
@@ -332,7 +355,7 @@ class Relay:
                 backoff = poll_interval_s
                 if result.seen >= self.batch_size:
                     wait_s = 0.0  # more waiting
-                elif time.monotonic() < eager_until and not result.seen:
+                elif eager and time.monotonic() < eager_until and not result.seen:
                     # Woken by a commit hook that fires just before the commit itself
                     # (SQLAlchemy Core): look again shortly.
                     wait_s = 0.005
