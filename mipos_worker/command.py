@@ -95,6 +95,7 @@ def add_outbox_subcommands(outbox: argparse.ArgumentParser, common: argparse.Arg
     relay.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     relay.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
     relay.add_argument("--once", action="store_true", help="publish what is there now, then exit")
+    relay.add_argument("--no-listen", action="store_true", help="PostgreSQL: poll only, no LISTEN")
     relay.set_defaults(func=cmd_outbox_relay)
 
     status = sub.add_parser("status", parents=parents, help="backlog, oldest row, rows moved aside",
@@ -152,7 +153,8 @@ def cmd_outbox_relay(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop_on_signal)
     signal.signal(signal.SIGINT, stop_on_signal)
-    relay.run_forever(stop, wake, poll_interval_s=args.poll_interval, report_every_s=args.report_every)
+    relay.run_forever(stop, wake, poll_interval_s=args.poll_interval, report_every_s=args.report_every,
+                      listen=False if args.no_listen else None)
     relay.report()
     return EXIT_OK
 

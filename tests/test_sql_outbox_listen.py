@@ -209,3 +209,19 @@ def test_the_django_app_notifies_the_channel_the_relay_listens_on() -> None:
     from mipos_worker.sql_outbox import listen
 
     assert outbox.NOTIFY_CHANNEL == listen.CHANNEL
+
+
+def test_no_listen_polls_only(make_cluster: ClusterFactory, pg_url: str, tmp_path: Path) -> None:
+    """``--no-listen``: no LISTEN connection; rows still go, found by the polling."""
+    cluster = make_cluster()
+    relay = RelayProcess(cluster.env, tmp_path / "relay.log", pg_url, "--no-listen")
+    try:
+        wait_for(lambda: events(relay, "outbox_backlog"), timeout=20, what="the relay's first poll")
+        order_ids = [new_order_id() for _ in range(3)]
+        commit_orders(pg_url, order_ids)
+        counts = wait_accepted(cluster.control, set(order_ids), timeout=30)
+        assert listener_pids(pg_url) == []
+    finally:
+        relay.stop()
+    assert all(counts[o] == 1 for o in order_ids), counts
+    assert events(relay, "outbox_listening") == []
