@@ -15,6 +15,8 @@ from mipos_worker.state.connection import text
 from worker.state.counters import Metrics
 
 DEAD_LETTER_TTL_S = 30 * 24 * 3600
+# Why an order failed for good (worker/attempt/story.py); each has an index of its own, for counts.
+REASONS = ("permanent", "permanent_after_unknown", "attempts", "deadline", "invalid")
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class DeadLetter:
     id: str
     action: str
     order: dict[str, Any]  # the arguments as received (they may be the invalid ones)
-    reason: str  # permanent, attempts, deadline, invalid
+    reason: str  # one of REASONS
     error: str | None
     task_id: str
     enqueued_at: float | None
@@ -42,6 +44,21 @@ class DeadLetterPage:
     next_before: str | None  # the cursor of the next (older) page; None when this was the last
 
 
+@dataclass(frozen=True)
+class DeadLetterCounts:
+    """Live letters of a time range: all of them, and by reason (reasons without one left out).
+
+    ``uncounted``: letters of the range that no reason index holds, those written before the
+    indexes by reason were kept; they leave with their 30 days."""
+
+    total: int
+    by_reason: dict[str, int]
+
+    @property
+    def uncounted(self) -> int:
+        return max(0, self.total - sum(self.by_reason.values()))
+
+
 class DeadLetters:
     """Dead letters by id, in an index by failure time, and by order."""
 
@@ -52,6 +69,11 @@ class DeadLetters:
         self.item_prefix = f"{key_prefix}dead:"
         self.replay_prefix = f"{key_prefix}dead-replay:"
         self.by_order_prefix = f"{key_prefix}dead-order:"
+        self.by_reason_prefix = f"{key_prefix}dead-reason:"
+
+    def reason_key(self, reason: str) -> str:
+        """The index of one reason's letters by failure time: counts cost one ZCOUNT each."""
+        return self.by_reason_prefix + reason
 
     def add(
         self,
@@ -85,6 +107,11 @@ class DeadLetters:
         pipe.zadd(by_order, {letter.id: letter.failed_at})
         pipe.zremrangebyscore(by_order, "-inf", expired_before(letter.failed_at))
         pipe.expire(by_order, _ttl())
+        if reason in REASONS:
+            by_reason = self.reason_key(reason)
+            pipe.zadd(by_reason, {letter.id: letter.failed_at})
+            pipe.zremrangebyscore(by_reason, "-inf", expired_before(letter.failed_at))
+            pipe.expire(by_reason, _ttl())
         if self.metrics is not None:
             self.metrics.count("mipos_dead_letters_total", pipe, action=action, reason=reason)
         pipe.execute()
@@ -134,10 +161,11 @@ class DeadLetters:
         self.redis.zremrangebyscore(self.index_key, "-inf", expired_before())
 
     def page(self, limit: int = 100, *, before: str | None = None, since: float | None = None,
-             reason: str | None = None, store_id: str | None = None,
+             reason: str | None = None, store_id: str | None = None, action: str | None = None,
              max_scan: int | None = None) -> DeadLetterPage:
         """Up to ``limit`` letters, newest first, older than the cursor ``before`` (a page's
-        ``next_before``), failed since ``since``, of one reason or one store.
+        ``next_before``, or a bare time: failed before then), failed since ``since``, of one
+        reason, one store or one action.
 
         Reads the index in slices (ZREVRANGEBYSCORE ... LIMIT) and the letters of each
         slice in one pipeline; examines at most ``max_scan`` ids (default: the page
@@ -160,7 +188,7 @@ class DeadLetters:
             scanned += len(rows)
             for (letter_id, score), letter in zip(rows, self._fetch([i for i, _ in rows], self.index_key)):
                 cursor = _Cursor(score, letter_id)
-                if letter is None or not _matches(letter, reason, store_id):
+                if letter is None or not _matches(letter, reason, store_id, action):
                     continue
                 letters.append(letter)
                 if len(letters) == limit:
@@ -187,6 +215,20 @@ class DeadLetters:
                 if cursor is None or at < cursor.score or letter_id < cursor.letter_id:
                     rows.append((letter_id, at))
         return rows
+
+    def counts(self, since: float | None = None, until: float | None = None) -> DeadLetterCounts:
+        """The letters that failed in [since, until), all and by reason: one ZCOUNT per index,
+        whatever the number of letters."""
+        floor = since if since is not None else "-inf"
+        top = f"({until!r}" if until is not None else "+inf"
+        expired = expired_before()
+        pipe = self.redis.pipeline(transaction=False)
+        for key in (self.index_key, *(self.reason_key(r) for r in REASONS)):
+            pipe.zremrangebyscore(key, "-inf", expired)
+            pipe.zcount(key, floor, top)
+        found = pipe.execute()[1::2]
+        by_reason = {reason: int(n) for reason, n in zip(REASONS, found[1:]) if n}
+        return DeadLetterCounts(int(found[0]), by_reason)
 
     def list(self, limit: int | None = None, *, since: float | None = None,
              reason: str | None = None, store_id: str | None = None) -> list[DeadLetter]:
@@ -221,14 +263,22 @@ class DeadLetters:
         """Delete the dead letters that failed before ``older_than`` (a time); how many."""
         ids = [text(i) for i in self.redis.zrangebyscore(self.index_key, "-inf", older_than)]
         for letter_id in ids:
-            letter = self.get(letter_id)
-            pipe = self.redis.pipeline()
-            pipe.delete(self.item_prefix + letter_id, self.replay_prefix + letter_id)
-            pipe.zrem(self.index_key, letter_id)
-            if letter is not None:
-                pipe.zrem(self.by_order_prefix + letter.order_key, letter_id)
-            pipe.execute()
+            self.discard(letter_id)
         return len(ids)
+
+    def discard(self, letter_id: str) -> DeadLetter | None:
+        """Delete one letter, its replay claim and its place in every index; the letter, or None
+        when there was none (already discarded, purged or expired)."""
+        letter = self.get(letter_id)
+        pipe = self.redis.pipeline()
+        pipe.delete(self.item_prefix + letter_id, self.replay_prefix + letter_id)
+        pipe.zrem(self.index_key, letter_id)
+        for reason in REASONS:
+            pipe.zrem(self.reason_key(reason), letter_id)
+        if letter is not None:
+            pipe.zrem(self.by_order_prefix + letter.order_key, letter_id)
+        pipe.execute()
+        return letter
 
 
 def _ttl() -> int:
@@ -240,8 +290,10 @@ def expired_before(now: float | None = None) -> float:
     return (now if now is not None else time.time()) - DEAD_LETTER_TTL_S
 
 
-def _matches(letter: DeadLetter, reason: str | None, store_id: str | None) -> bool:
+def _matches(letter: DeadLetter, reason: str | None, store_id: str | None, action: str | None) -> bool:
     if reason is not None and letter.reason != reason:
+        return False
+    if action is not None and letter.action != action:
         return False
     return store_id is None or str(letter.order.get("store_id")) == store_id
 
