@@ -180,7 +180,7 @@ class SettingsReader:
         value = self.raw(name, None)
         if self.raw(file_name, None) is None:
             if value is None and required:
-                self.problems.append(f"{name} (or {file_name}) is required but not set")
+                self.problems.append(f"{name} is required but not set (or set {file_name} to a file holding it)")
             return value
         if value is not None:
             self.problems.append(f"{name} and {file_name} are both set: set only one")

@@ -81,8 +81,8 @@ def test_a_secret_and_its_file_form_are_one_error_naming_both(tmp_path: Path) ->
 
 def test_a_missing_secret_names_both_forms() -> None:
     text = "; ".join(problems_of(CREDENTIALS))
-    assert "MIPOS_PASSWORD (or MIPOS_PASSWORD_FILE) is required but not set" in text
-    assert "MIPOS_CLIENT_SECRET (or MIPOS_CLIENT_SECRET_FILE) is required but not set" in text
+    assert "MIPOS_PASSWORD is required but not set (or set MIPOS_PASSWORD_FILE to a file holding it)" in text
+    assert "MIPOS_CLIENT_SECRET is required but not set (or set MIPOS_CLIENT_SECRET_FILE" in text
 
 
 @pytest.mark.parametrize(("kind", "content", "said"), [
