@@ -34,6 +34,7 @@ FAST_TESTS = [
     "tests/test_settle.py",
     "tests/test_token_parsing.py",
     "tests/test_version.py",
+    "tests/test_pythons.py",
     "tests/test_field_limits.py",
     "tests/test_order_keys.py",
     "tests/test_secret_files.py",
