@@ -21,7 +21,7 @@ PACKAGES = ("mipos_worker", "config", "worker", "tasks", "cli")
 # import each other (issue 23, item 7).
 CIRCLE_FREE_PACKAGES = (*PACKAGES, "sandbox", "support")
 # Lowest first: a room may import from the rooms before it, never after.
-ROOMS = ("order", "logs", "state", "mipos", "attempt", "wiring", "ops")
+ROOMS = ("order", "logs", "state", "mipos", "attempt", "wiring", "ops", "pages")
 
 
 def modules(packages: tuple[str, ...] = PACKAGES, root: Path = ROOT) -> dict[str, Path]:

@@ -24,6 +24,12 @@ Environment:
     A password there may contain commas. Setting both this and
     ``FLOWER_BASIC_AUTH`` is refused; an error about the file names the variable
     and the line number, never the file's content.
+``FLOWER_READONLY_USERS``
+    user names (of ``FLOWER_BASIC_AUTH`` or the users file), comma-separated, who may
+    look but not act: the operator's pages show them no Replay or Discard button, and
+    any request of theirs but GET, HEAD or OPTIONS gets a 403, on the pages and on
+    Flower's own (its API included). A name that is no configured user is refused at
+    start (a typo would otherwise leave that user every right). Default: none.
 ``FLOWER_LOCAL``
     ``1``/``true``/``yes``/``on``: allowed to run without ``FLOWER_BASIC_AUTH``;
     then Flower has no authentication at all and listens on 127.0.0.1 only,
@@ -47,6 +53,10 @@ Environment:
     ``name,state,retries,kwargs,exception,received,runtime,worker,uuid``.
 ``REDIS_URL``
     the broker, as for the workers. Default: ``redis://localhost:6379/0``.
+``LOG_LEVEL``, ``LOG_FORMAT``
+    as for the workers: Flower's lines, and those of the operator's pages
+    (``dead_letter_replayed``, ``dead_letter_discarded``), go through the workers'
+    logging, secrets redacted. Defaults: ``INFO``, ``json``.
 ``MIPOS_TIMEOUT_S``, ``MIPOS_VISIBILITY_TIMEOUT_S``
     as for the workers, and they must be the workers' values: Flower's broker
     connection hands back messages held longer than its visibility timeout,
@@ -78,7 +88,7 @@ import hmac
 import os
 import re
 import sys
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -88,6 +98,7 @@ from celery.events.state import Task as CeleryTask
 
 from config import FALSE_WORDS, SECRET_NAMES, TRUE_WORDS, parse_boolean
 from worker.logs.redaction import REDACTED, redact_text, register_secret
+from worker.logs.setup import configure_logging
 
 PROG = "mipos-worker flower"
 DEFAULT_ADDRESS = "127.0.0.1"
@@ -101,6 +112,10 @@ RETRY_LINE = "celery.exceptions.Retry: "
 RETRY_DELAY = re.compile(r"^Retry in (\d+(?:\.\d+)?)s")
 USERS_VARIABLE = "FLOWER_BASIC_AUTH"
 USERS_FILE_VARIABLE = "FLOWER_BASIC_AUTH_FILE"
+READONLY_VARIABLE = "FLOWER_READONLY_USERS"
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "console")
 AUTH_FORMAT = "FLOWER_BASIC_AUTH must be user:password"
 ASCII_ONLY = ("user names and passwords must be ASCII: Flower cannot compare other characters "
               "(every request would fail with an error)")
@@ -122,6 +137,12 @@ class FlowerSettings:
     address: str
     port: int
     users: tuple[str, ...]
+    readonly_users: frozenset[str] = frozenset()  # user names who may look, not act
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    def is_readonly(self, user: str | None) -> bool:
+        return user is not None and user in self.readonly_users
 
 
 def is_user_password(entry: str) -> bool:
@@ -194,6 +215,33 @@ def configured_users(environ: MutableMapping[str, str]) -> list[str]:
     return parse_basic_auth(value) if value.strip() else []
 
 
+def user_name(entry: str) -> str:
+    return entry.partition(":")[0]
+
+
+def parse_readonly_users(value: str, users: Sequence[str]) -> frozenset[str]:
+    """FLOWER_READONLY_USERS's names, each one of ``users``; ConfigError names the unknown ones
+    (names only: no password is ever in this variable)."""
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    if names and not users:
+        raise ConfigError(f"{READONLY_VARIABLE} is set but Flower has no users ({USERS_VARIABLE} or "
+                          f"{USERS_FILE_VARIABLE}): without authentication every visitor may act")
+    unknown = sorted(names - {user_name(entry) for entry in users})
+    if unknown:
+        raise ConfigError(f"{READONLY_VARIABLE} names {', '.join(repr(n) for n in unknown)}, not a user of "
+                          f"{USERS_VARIABLE} or {USERS_FILE_VARIABLE}: a misspelt name would leave that user "
+                          "every right")
+    return frozenset(names)
+
+
+def parse_choice(name: str, value: str, default: str, choices: Sequence[str]) -> str:
+    word = value.strip() or default
+    word = word.upper() if name == "LOG_LEVEL" else word
+    if word not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return word
+
+
 def parse_bool(name: str, value: str) -> bool:
     """The settings' boolean words (config.parse_boolean); empty is false."""
     if not value.strip():
@@ -221,6 +269,9 @@ def configure(environ: MutableMapping[str, str]) -> FlowerSettings:
     port = parse_port(environ.get("PORT", "").strip() or "5555")
     address = environ.get("FLOWER_ADDRESS", "").strip() or DEFAULT_ADDRESS
     users = configured_users(environ)
+    readonly = parse_readonly_users(environ.pop(READONLY_VARIABLE, ""), users)
+    log_level = parse_choice("LOG_LEVEL", environ.get("LOG_LEVEL", ""), "INFO", LOG_LEVELS)
+    log_format = parse_choice("LOG_FORMAT", environ.get("LOG_FORMAT", ""), "json", LOG_FORMATS)
     if not users and not local:
         raise ConfigError(
             f"FLOWER_BASIC_AUTH is not set: set it to user:password (several: ', '-separated), or "
@@ -232,7 +283,7 @@ def configure(environ: MutableMapping[str, str]) -> FlowerSettings:
     for name, value in DEFAULTS.items():
         if not environ.get(name):
             environ[name] = value
-    return FlowerSettings(address, port, tuple(users))
+    return FlowerSettings(address, port, tuple(users), readonly, log_level, log_format)
 
 
 def scrub(text: str) -> str:
@@ -286,53 +337,96 @@ class RetryAwareTask(CeleryTask):  # type: ignore[misc]  # celery has no type hi
             self.state = states.RETRY
 
 
-def credentials_match(authorization: str, users: Sequence[str]) -> bool:
-    """Whether a ``Basic`` Authorization header carries one of ``users``, compared as bytes.
+def matched_user(authorization: str, users: Sequence[str]) -> str | None:
+    """The name of the one of ``users`` whose credentials a ``Basic`` Authorization header
+    carries, compared as bytes; None when it carries none of them.
 
     Flower compares the decoded text with ``hmac.compare_digest``, which raises TypeError
     on non-ASCII text: a request with such credentials got a 500 and a traceback.
     """
     scheme, _, token = authorization.strip().partition(" ")
     if scheme != "Basic":
-        return False
+        return None
     try:
         given = base64.b64decode(token.strip(), validate=True)
     except (binascii.Error, ValueError):
-        return False
-    matched = False
+        return None
+    matched: str | None = None
     for user in users:  # every entry, so the time taken does not tell which one matched
-        matched |= hmac.compare_digest(given, user.encode("ascii"))
+        if hmac.compare_digest(given, user.encode("ascii")):
+            matched = user_name(user)
     return matched
 
 
-def guard_basic_auth() -> None:
+def credentials_match(authorization: str, users: Sequence[str]) -> bool:
+    """Whether a ``Basic`` Authorization header carries one of ``users`` (``matched_user``)."""
+    return matched_user(authorization, users) is not None
+
+
+def request_user(handler: Any) -> str | None:
+    """The user name a request to Flower authenticated as; None when Flower has no users."""
+    users = handler.application.options.basic_auth
+    if not users:
+        return None
+    return matched_user(handler.request.headers.get("Authorization", ""), users)
+
+
+def guard_basic_auth(readonly_users: frozenset[str] = frozenset()) -> None:
     """Flower's basic-auth check, behind ours: credentials that match none of its users get a
-    401 before Flower compares them (a match is ASCII, which Flower compares without error)."""
+    401 before Flower compares them (a match is ASCII, which Flower compares without error);
+    a user of ``readonly_users`` gets a 403 on anything but a read (GET, HEAD, OPTIONS)."""
     import tornado.web
     from flower.views import BaseHandler
 
-    flower_check = BaseHandler.get_current_user
-    if getattr(flower_check, "guarded", False):
-        return
+    flower_check = getattr(BaseHandler.get_current_user, "flower_check", BaseHandler.get_current_user)
 
     def get_current_user(self: Any) -> Any:
         users = self.application.options.basic_auth
-        if users and not credentials_match(self.request.headers.get("Authorization", ""), users):
-            raise tornado.web.HTTPError(401)
+        if users:
+            user = matched_user(self.request.headers.get("Authorization", ""), users)
+            if user is None:
+                raise tornado.web.HTTPError(401)
+            if user in readonly_users and self.request.method not in READ_METHODS:
+                raise tornado.web.HTTPError(403, f"{user} may look, not act ({READONLY_VARIABLE})")
         return flower_check(self)
 
-    get_current_user.guarded = True  # type: ignore[attr-defined]
+    get_current_user.flower_check = flower_check  # type: ignore[attr-defined]
     BaseHandler.get_current_user = get_current_user
 
 
-def run_flower(settings: FlowerSettings) -> int:
+# Given Flower's Tornado application once it is built, before it serves: adds pages to it.
+AppHook = Callable[[Any], None]
+# Checks its own settings (ConfigError: exit 2 before Flower starts) and gives its AppHook.
+Extension = Callable[[FlowerSettings, Mapping[str, str]], AppHook]
+
+
+def extend_flower_app(hooks: Sequence[AppHook]) -> None:
+    """Flower's command builds its application from ``flower.command.Flower``: a subclass
+    that runs ``hooks`` on the application it builds."""
+    import flower.command
+
+    base = getattr(flower.command.Flower, "unextended", flower.command.Flower)
+
+    class ExtendedFlower(base):  # type: ignore[misc, valid-type]  # flower has no type hints
+        unextended = base
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            for hook in hooks:
+                hook(self)
+
+    flower.command.Flower = ExtendedFlower
+
+
+def run_flower(settings: FlowerSettings, hooks: Sequence[AppHook] = ()) -> int:
     from celery.bin.celery import celery as celery_command
     from flower.events import EventsState
     from flower.options import options  # defines Flower's options before we set one
 
     options.format_task = make_task_formatter()
     EventsState.Task = RetryAwareTask  # Celery's State makes its tasks from this attribute
-    guard_basic_auth()
+    guard_basic_auth(settings.readonly_users)
+    extend_flower_app([lambda _app: configure_logging(settings.log_level, settings.log_format), *hooks])
     if settings.users:
         # Set here, not through FLOWER_BASIC_AUTH: on no command line, and never split at a comma.
         options.basic_auth = list(settings.users)
@@ -344,9 +438,12 @@ def run_flower(settings: FlowerSettings) -> int:
     return 0
 
 
-def main() -> int:
+def main(extensions: Sequence[Extension] = ()) -> int:
+    """The flower: line; ``extensions`` add pages to Flower (worker/flower.py gives the
+    operator's pages, a room above this one)."""
     try:
         settings = configure(os.environ)
+        hooks = [extension(settings, os.environ) for extension in extensions]
     except ConfigError as exc:
         fail(str(exc))
     from config import broker_settings_problems
@@ -361,7 +458,7 @@ def main() -> int:
     from worker.ops.metrics import register_prometheus_collector
 
     register_prometheus_collector()
-    return run_flower(settings)
+    return run_flower(settings, hooks)
 
 
 if __name__ == "__main__":
