@@ -19,7 +19,13 @@ import pytest
 
 from bench.browser import BrowserMissing, chromium_executable
 from bench.pages_browser import PagesBrowser, pages_browser
-from support.processes import FlowerProcess, RedisServer, free_port, read_json_lines, wait_for
+from support.processes import (
+    FlowerProcess,
+    RedisServer,
+    free_port,
+    read_json_lines,
+    wait_for,
+)
 from tests.conftest import Cluster, dead_letter_of, new_order_id
 from tests.test_pages import (
     BIG_ERROR,
