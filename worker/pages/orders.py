@@ -32,12 +32,13 @@ class OrdersHandler(PageHandler):
         query = self.argument("q", 200)
         result = None
         if query:
-            tasks = self.flower_tasks()
-            result = await self.blocking(search, query, tasks, self.pages.letters, self.pages.inflight)
+            result = await self.blocking(lambda: search(query, self.flower_tasks(), self.pages.letters,
+                                                        self.pages.inflight))
         self.page("mipos-orders.html", title="Orders", query=query, result=result, problem=None)
 
     def flower_tasks(self) -> list[FlowerTask]:
-        """The tasks Flower holds (FLOWER_MAX_TASKS), newest first: their ids and arguments."""
+        """The tasks Flower holds (FLOWER_MAX_TASKS), newest first: their ids and arguments (its
+        LRU cache iterates under its own lock, so this may run off the event loop)."""
         tasks = self.application.events.state.tasks
         found = [(task_id, getattr(t, "name", None), getattr(t, "kwargs", None), getattr(t, "received", None))
                  for task_id, t in list(tasks.items())]

@@ -86,7 +86,10 @@ def search(query: str, flower_tasks: Iterable[FlowerTask], letters: DeadLetters,
         if isinstance(kwargs, dict) and kwargs.get("store_id") is not None:
             add(Found(str(kwargs["store_id"]), str(kwargs.get("order_external_id")), "in flight", part.lower(),
                       entry[0].get("enqueued_at") if entry is not None else None))
+    needle = part.split("/", 1)[-1].casefold()  # of ``store/order``, the order's part is in the repr
     for task_id, _name, kwargs, received in flower_tasks:
+        if needle not in (kwargs or "").casefold() and part.casefold() not in task_id.casefold():
+            continue  # the cheap test first: up to FLOWER_MAX_TASKS of them
         order = order_of(kwargs)
         if (order is not None and matches(part, order[0], order[1], task_id)
                 and add(Found(order[0], order[1], "Flower's tasks", task_id, received))):
