@@ -223,9 +223,10 @@ def test_sqlite_lease_keeps_a_claimed_batch_from_a_second_relay(
     first, second = Relay(engine, lease_s=60), Relay(engine, lease_s=60)
     published: list[str] = []
 
-    def publish_then_look(row: Any) -> None:
-        published.append(row.task_id)
+    def publish_then_look(batch: list[Any]) -> list[None]:
+        published.extend(row.task_id for row in batch)
         assert second.run_once().seen == 0  # the row is claimed by the first relay
+        return [None] * len(batch)
 
     first._publish = publish_then_look  # type: ignore[method-assign]
     assert first.run_once().published == 1

@@ -44,7 +44,6 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, Row
 
 from mipos_worker.logs import log
-from mipos_worker.order.stamps import Stamps
 from mipos_worker.sql_outbox.listen import Listener, can_listen
 from mipos_worker.sql_outbox.message import read_message, shown
 from mipos_worker.sql_outbox.schema import (
@@ -67,6 +66,14 @@ class RedisUnavailable(Exception):
 class PublishFailed(Exception):
     """Publishes failed with an error no check foresaw, and no later row of the batch went:
     the relay, not a row, is at fault; the rows wait (their tries and last error updated)."""
+
+
+class Unpublishable(Exception):
+    """What a row holds can never make a message (message.py): it moves aside, alone."""
+
+
+Outcome = Exception | None  # of one row's publish: None when it went
+_NOT_TRIED = object()  # past the end of publish_orders' answer
 
 
 @dataclass(frozen=True)
@@ -173,28 +180,28 @@ class Relay:
 
     def _publish_rows(self, conn: Connection, rows: Sequence[Row[Any]], *,
                       commit_each: bool = False) -> BatchResult:
-        """Publish in order; delete what went, move aside what never can.
+        """Publish in order, the batch at once (``_publish``); delete what went, move aside what
+        never can.
 
         ``commit_each``: no batch transaction is open (lease). A row whose publish fails with
         an error no check foresaw is moved aside only once a later row went (the relay
         works, so the row is what is wrong); when none did, the rows wait (PublishFailed).
         """
         batch = _Batch(commit_each)
+        outcomes = self._publish(rows)  # ends at a RedisUnavailable when Redis took not all
         for index, row in enumerate(rows):
-            try:
-                reason = self._publish(row)
-            except RedisUnavailable as exc:
-                self._wait(conn, batch, [r.id for r in rows[index:]], str(exc))
-                raise
-            except PublishFailed as exc:
-                batch.suspects.append((row, str(exc)))
-                continue
-            if reason is None:
-                self._published(conn, batch, row)
-            else:
-                self._move_aside(conn, row, reason)
+            outcome = outcomes[index]
+            if isinstance(outcome, RedisUnavailable):
+                self._wait(conn, batch, [r.id for r in rows[index:]], str(outcome))
+                raise outcome
+            if isinstance(outcome, PublishFailed):
+                batch.suspects.append((row, str(outcome)))
+            elif isinstance(outcome, Unpublishable):
+                self._move_aside(conn, row, str(outcome))
                 batch.moved += 1
                 self._commit_each(conn, batch)
+            else:
+                self._published(conn, batch, row)
         if batch.suspects:
             error = batch.suspects[0][1]
             self._wait(conn, batch, [], error)
@@ -203,9 +210,9 @@ class Relay:
         return BatchResult(published=len(batch.published), moved_aside=batch.moved, seen=len(rows))
 
     def _published(self, conn: Connection, batch: _Batch, row: Row[Any]) -> None:
-        batch.published.append(row.id)
-        if batch.commit_each:
-            self._delete(conn, [row.id])
+        batch.published.append(row.id)  # deleted with the others that went (_finish)
+        if not batch.suspects:
+            return
         for suspect, error in batch.suspects:  # a later row went: these rows are what is wrong
             self._move_aside(conn, suspect, f"{error} (the rows after it were published)")
             batch.moved += 1
@@ -226,7 +233,7 @@ class Relay:
         self._finish(conn, batch)
 
     def _finish(self, conn: Connection, batch: _Batch) -> None:
-        if not batch.commit_each and batch.published:
+        if batch.published:
             self._delete(conn, batch.published)
         self._commit_each(conn, batch)
         self._count(len(batch.published), batch.moved)
@@ -243,23 +250,45 @@ class Relay:
         self.metrics.published += published
         self.metrics.moved_aside += moved
 
-    def _publish(self, row: Row[Any]) -> str | None:
-        """Publish one row; the reason it can never be published, or None when it went."""
-        from mipos_worker.order_tasks import publish_order
+    def _publish(self, rows: Sequence[Row[Any]]) -> list[Outcome]:
+        """Publish the rows' messages in one batch (order_tasks.publish_orders: two round trips).
 
-        try:
-            message = read_message(row.task_id, row.action, row.arguments, row.age_s)
-        except Exception as exc:  # noqa: BLE001 - whatever the row holds: RecursionError, UnicodeError, ...
-            return f"{type(exc).__name__}: {exc}"
-        try:
+        Per row in order: None when it went; ``Unpublishable`` when it never can be (what
+        it holds: message.py); ``PublishFailed`` for an error no check foresaw; then, at the
+        first row Redis did not take, ``RedisUnavailable``, and the list stops there.
+        """
+        from mipos_worker.order_tasks import OrderToPublish, publish_orders
+
+        outcomes: list[Outcome] = []
+        orders: list[OrderToPublish] = []
+        for row in rows:
+            try:
+                message = read_message(row.task_id, row.action, row.arguments, row.age_s)
+            except Exception as exc:  # noqa: BLE001 - whatever the row holds: RecursionError, UnicodeError, ...
+                outcomes.append(Unpublishable(f"{type(exc).__name__}: {exc}"))
+                continue
+            outcomes.append(None)
             # The deadline counts from the commit: the row's age on the database's clock.
-            publish_order(message.action, message.body, Stamps(), age_s=message.age_s,
-                          task_id=message.task_id)
+            orders.append(OrderToPublish(message.action, message.body, message.task_id, message.age_s))
+        try:
+            results = iter(publish_orders(orders))
         except PUBLISH_ERRORS as exc:
-            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except Exception as exc:
-            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
-        return None
+            unavailable = RedisUnavailable(f"{type(exc).__name__}: {exc}")
+            # The rows before the first readable one can still be moved aside.
+            first = next((i for i, o in enumerate(outcomes) if o is None), len(outcomes))
+            return [*outcomes[:first], unavailable]
+        for index, outcome in enumerate(outcomes):
+            if outcome is not None:
+                continue
+            result = next(results, _NOT_TRIED)
+            if result is None:
+                continue
+            if isinstance(result, PUBLISH_ERRORS):
+                return [*outcomes[:index], RedisUnavailable(f"{type(result).__name__}: {result}")]
+            if not isinstance(result, Exception):  # the list stopped short: not published
+                return [*outcomes[:index], RedisUnavailable("not published: Redis failed earlier")]
+            outcomes[index] = PublishFailed(f"{type(result).__name__}: {result}")
+        return outcomes
 
     def _move_aside(self, conn: Connection, row: Row[Any], reason: str) -> None:
         """Copied in SQL, byte for byte, whatever the row holds; then deleted."""

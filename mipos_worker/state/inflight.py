@@ -13,7 +13,8 @@ re-publishes any entry that is stale and is neither queued nor unacknowledged.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import redis
 
@@ -32,24 +33,45 @@ def order_tasks_key(key_prefix: str, order_key: str) -> str:
 
 InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; when it is next due
 
-# Register a message about to be published, stamped with Redis's clock in the same
-# round trip: the enqueue time (given, or now minus the order's age on the
-# producer's own clock) and the publish time. Returns the enqueue time as a
-# string (a Lua number would come back truncated to an integer). The order's task
-# index is kept at least MIPOS_HISTORY_RETENTION_S, never shortened: the worker
+# Register messages about to be published, each stamped with Redis's clock in the same
+# round trip: the enqueue time (given, or now minus the order's age on the producer's
+# own clock) and the publish time. KEYS: the registry, the heartbeats, then each
+# message's order task index; ARGV: the index's least TTL, then six per message (task
+# id, task name, kwargs JSON, countdown, enqueue time or "", age). Returns the enqueue
+# times as strings (a Lua number would come back truncated to an integer). An order's
+# task index is kept at least MIPOS_HISTORY_RETENTION_S, never shortened: the worker
 # sets it to its own retention after each attempt (worker/state/ledger.py).
 _REGISTER = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local enqueued = tonumber(ARGV[5]) or (now - tonumber(ARGV[6]))
-local stamp = string.format('%.6f', enqueued)
-redis.call('hset', KEYS[1], ARGV[1], '{"task":' .. cjson.encode(ARGV[2]) .. ',"enqueued_at":' .. stamp
-  .. ',"published_at":' .. string.format('%.6f', now) .. ',"kwargs":' .. ARGV[3] .. '}')
-redis.call('zadd', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
-redis.call('zadd', KEYS[3], 'NX', now, ARGV[1])
-if redis.call('ttl', KEYS[3]) < tonumber(ARGV[7]) then redis.call('expire', KEYS[3], ARGV[7]) end
-return stamp
+local published = string.format('%.6f', now)
+local ttl = tonumber(ARGV[1])
+local stamps = {}
+for i = 1, #KEYS - 2 do
+  local a = 1 + (i - 1) * 6
+  local id = ARGV[a + 1]
+  local stamp = string.format('%.6f', tonumber(ARGV[a + 5]) or (now - tonumber(ARGV[a + 6])))
+  redis.call('hset', KEYS[1], id, '{"task":' .. cjson.encode(ARGV[a + 2]) .. ',"enqueued_at":' .. stamp
+    .. ',"published_at":' .. published .. ',"kwargs":' .. ARGV[a + 3] .. '}')
+  redis.call('zadd', KEYS[2], now + tonumber(ARGV[a + 4]), id)
+  local index = KEYS[i + 2]
+  redis.call('zadd', index, 'NX', now, id)
+  if redis.call('ttl', index) < ttl then redis.call('expire', index, ttl) end
+  stamps[i] = stamp
+end
+return stamps
 """
+
+
+class Registration(NamedTuple):
+    """One message to register (``InflightRegistry.register_many``)."""
+
+    task_id: str
+    task_name: str
+    kwargs: dict[str, Any]
+    countdown: float | None = None
+    enqueued_at: float | None = None
+    age_s: float = 0.0
 
 
 class InflightRegistry:
@@ -70,16 +92,27 @@ class InflightRegistry:
         Returns the enqueue time on Redis's clock: ``enqueued_at`` when given (a
         retry), else the one the message's stamps carry, else now minus ``age_s``.
         """
-        okey = order_key(kwargs.get("store_id"), kwargs.get("order_external_id"))
-        if enqueued_at is None:  # a message published again as it was (the rescue sweep)
-            enqueued_at = stamps_of(kwargs).enqueued_at
-        stamp = self._register(
-            keys=[self.entries_key, self.heartbeats_key, order_tasks_key(self.prefix, okey)],
-            args=[task_id, task_name, json.dumps(kwargs), countdown or 0.0,
-                  "" if enqueued_at is None else repr(float(enqueued_at)), max(0.0, age_s),
-                  whole_seconds(self.index_ttl_s)],
-        )
-        return float(stamp)
+        [stamp] = self.register_many([Registration(task_id, task_name, kwargs, countdown,
+                                                   enqueued_at, age_s)])
+        return stamp
+
+    def register_many(self, registrations: Sequence[Registration]) -> list[float]:
+        """``register`` for several messages in one script call (one round trip); their
+        enqueue times, in the same order."""
+        if not registrations:
+            return []
+        keys = [self.entries_key, self.heartbeats_key]
+        args: list[Any] = [whole_seconds(self.index_ttl_s)]
+        for one in registrations:
+            kwargs = one.kwargs
+            keys.append(order_tasks_key(self.prefix, order_key(kwargs.get("store_id"),
+                                                               kwargs.get("order_external_id"))))
+            # None: a message published again as it was (the rescue sweep) keeps its own stamp.
+            enqueued_at = stamps_of(kwargs).enqueued_at if one.enqueued_at is None else one.enqueued_at
+            args += [one.task_id, one.task_name, json.dumps(kwargs), one.countdown or 0.0,
+                     "" if enqueued_at is None else repr(float(enqueued_at)), max(0.0, one.age_s)]
+        stamps = self._register(keys=keys, args=args)
+        return [float(stamp) for stamp in stamps]
 
     @property
     def index_ttl_s(self) -> float:
