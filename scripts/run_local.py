@@ -241,6 +241,13 @@ def start_flower(stack: Stack, env: dict[str, str]) -> None:
         log(f"Flower: http://127.0.0.1:{FLOWER_PORT} (the user and password of FLOWER_BASIC_AUTH)")
 
 
+def order_page_url(order_external_id: str, store_id: str = "3") -> str:
+    """The operator's page of one order, in the Flower started here (worker/pages/)."""
+    from urllib.parse import urlencode
+
+    return f"http://127.0.0.1:{FLOWER_PORT}/order?{urlencode({'store': store_id, 'id': order_external_id})}"
+
+
 DEMO_ORDERS = [
     ("accept", "plain acceptance", []),
     ("accept", "'Unable to get token.' twice, then accepted",
@@ -356,6 +363,9 @@ def main() -> int:
             log(f"in another terminal: `source {env_file.relative_to(ROOT)}`, then "
                 f"`mipos-worker order 3 {ids[-1]}` (the dead-lettered demo order), "
                 "`mipos-worker dead list`, `mipos-worker doctor`")
+            log(f"the dead-lettered demo order's page, with its Replay button: {order_page_url(ids[-1])} "
+                f"(the sandbox keeps refusing it until told otherwise: `curl -X POST {sandbox_url}/_sandbox/faults "
+                f"-d '{{\"order_external_id\": \"{ids[-1]}\", \"faults\": [], \"replace\": true}}'`)")
             if options.exit_after_demo:
                 wait_until(lambda: demo_finished(env["REDIS_URL"], ids), 90, "the demo orders")
                 wait_until(lambda: reconciled(env["REDIS_URL"]), 60, "a reconciliation sweep")

@@ -10,6 +10,7 @@ Procfile's line), the Procfile's Flower and the sandbox mipos (issue 21, item 4)
 
 from __future__ import annotations
 
+import importlib.util
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 from bench.browser import BrowserMissing, chromium_executable
 from bench.pages_browser import PagesBrowser, pages_browser
 from support.processes import (
+    ROOT,
     FlowerProcess,
     RedisServer,
     free_port,
@@ -187,3 +189,31 @@ def test_a_post_without_the_csrf_token_is_refused(flower: FlowerProcess, redis_s
         browser.click_and_wait("#confirm")  # the page's own form carries it
         assert browser.page.locator("#outcomes li").get_attribute("data-result") == "discarded"
     wait_for(lambda: letters.get(letter.id) is None, timeout=5, what="the letter to be gone")
+
+
+def test_the_url_make_run_prints_shows_the_demo_order_and_replays_it(
+        cluster: Cluster, flower: FlowerProcess, tasks: ModuleType, redis_server: RedisServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make run`` (scripts/run_local.py) enqueues its demo orders and prints the page of the one that is
+    dead-lettered: here with this test's sandbox, Redis and Flower."""
+    spec = importlib.util.spec_from_file_location("run_local_for_pages", ROOT / "scripts" / "run_local.py")
+    assert spec is not None and spec.loader is not None
+    run_local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_local)
+    monkeypatch.setattr(run_local, "FLOWER_PORT", flower.port)
+
+    ids = run_local.enqueue_demo(cluster.sandbox.url)
+    dead = ids[-1]
+    letter = dead_letter_of(redis_server, dead)
+    url = run_local.order_page_url(dead)
+    assert url.startswith(f"{flower.url}/order?store=3&id=")
+
+    with pages_browser(flower.url, writer(flower)) as browser:
+        browser.open(url.removeprefix(flower.url))
+        assert browser.text("#state") == "dead-lettered" and letter.id in browser.text("#summary")
+        cluster.control.clear_faults(dead)  # what the printed line says to do first
+        browser.click_and_wait("#replay-last")
+        browser.click_and_wait("#confirm")
+        assert browser.page.locator("#outcomes li").get_attribute("data-result") == "replayed"
+        browser.open(url.removeprefix(flower.url))
+        assert browser.reload_until("#state", "accepted") == "accepted"
