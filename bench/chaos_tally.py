@@ -131,6 +131,7 @@ class ChaosResult:
     refusals_settled: int = 0  # ... of which after a refusal (refused_with)
     strict_refusals: int = 0  # requests strict mipos refused (the order no longer pending)
     requests_lost_with_worker: int = 0  # request_outcome_unknown lines
+    lost_found_by_other_action: int = 0  # ... read by a task of the other action (a deny after a lost accept)
     orders_waited_for_unanswered: int = 0  # orders a delivery held back (waiting_for_task_id)
     # The mixed mode (issue 24): an accept and a deny of the same order.
     pairs: int = 0
@@ -345,6 +346,8 @@ def count_requests(result: ChaosResult, requests: list[dict[str, Any]], plan: Pl
 def count_lines(result: ChaosResult, lines: list[dict[str, Any]]) -> None:
     waited = set()
     lost = set()
+    actions = {line.get("task_id"): line.get("action") for line in lines
+               if line.get("event") in ("accept_attempt", "deny_attempt")}
     for line in lines:
         if line.get("confirmed_by") == "pending_list":
             result.confirmed_by_pending_list += 1
@@ -353,6 +356,8 @@ def count_lines(result: ChaosResult, lines: list[dict[str, Any]]) -> None:
             waited.add(str(line.get("order_external_id")))
         if line.get("event") == "request_outcome_unknown":
             lost.add((line.get("lost_task_id"), line.get("lost_attempt")))
+            result.lost_found_by_other_action += actions.get(line.get("task_id")) not in (
+                None, line.get("lost_action"))
     result.orders_waited_for_unanswered = len(waited)
     result.requests_lost_with_worker = len(lost)
 
@@ -406,5 +411,6 @@ def duplicate_notes(result: ChaosResult) -> list[str]:
         (f"settled through the pending list: {result.confirmed_by_pending_list} confirmed as landed "
          f"({result.refusals_settled} after a refusal); {result.orders_waited_for_unanswered} orders held "
          f"back while an unanswered request could land; {result.requests_lost_with_worker} requests "
-         f"left unanswered by a killed worker; {result.strict_refusals} requests refused by strict mipos"),
+         f"left unanswered by a killed worker ({result.lost_found_by_other_action} found by a task of the "
+         f"other action); {result.strict_refusals} requests refused by strict mipos"),
     ]
