@@ -41,3 +41,22 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert rows["_details"]["round_trips_per_acceptance"]["stock"]["lpush"] == 1
     assert rows["redis_round_trips_per_acceptance"]["ours"] < rows["redis_commands_per_acceptance"]["ours"]
     assert "| measure | ours | baseline | ratio (median [min–max]) | goal | machine idle, min (median) |" in proc.stdout
+
+
+def test_bench_outbox_smoke(tmp_path: Path) -> None:
+    """The outbox's bench: the NOTIFY relay beside delay(), and the backlog row (issue 22)."""
+    out = tmp_path / "bench-outbox.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.outbox", "--smoke", "--quiet", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    for key in ("outbox_listen_latency_p50_ms", "outbox_listen_latency_p99_ms"):
+        assert rows[key]["baseline_is"] == "`delay()` returning → sandbox", key
+        assert rows[key]["ours"] > 0 and rows[key]["baseline"] > 0 and rows[key]["ratio_min"] is not None, key
+        assert rows[key]["goal"] is not None and 0 <= rows[key]["idle_cpu_min"] <= 1, key
+    backlog = rows["outbox_backlog_drain_s"]
+    assert backlog["ours"] > 0 and backlog["label"].startswith("2,000 committed rows")
+    for key in ("delay", "accept_postgresql", "relay_listen_latency", "relay_poll_0_5_latency",
+                "relay_thread_latency"):
+        assert rows[key]["p50_ms"] > 0 and rows[key]["p99_ms"] >= rows[key]["p50_ms"], key
+    assert "| measure | ours | baseline | ratio (median [min–max]) | goal | machine idle, min (median) |" in proc.stdout
