@@ -7,6 +7,7 @@ The browser flows, with workers and the sandbox, are in test_pages_browser.py.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -29,6 +30,7 @@ from support.processes import (
     free_port,
     procfile_command,
     read_json_lines,
+    wait_for,
 )
 from worker.state.deadletters import DeadLetter, DeadLetters
 
@@ -335,3 +337,35 @@ def test_a_read_only_name_that_is_no_user_is_refused_at_start(redis_server: Redi
     [line] = result.stderr.strip().splitlines()
     assert needle in line and "Traceback" not in result.stderr
     assert PASSWORDS[WRITER] not in result.stderr + result.stdout
+
+
+def answers(process: FlowerProcess, path: str) -> bool:
+    if process.proc.poll() is not None:
+        raise AssertionError(f"flower exited:\n{process.log_path.read_text()[-2000:]}")
+    try:
+        return process.get(path, timeout=1.0) == (200, "OK")
+    except OSError:
+        return False
+
+
+def test_the_pages_follow_flowers_url_prefix_and_run_without_users_locally(
+        redis_server: RedisServer, tmp_path: Path, logdir: Path) -> None:
+    env = flower_env(redis_server.url, write_users(tmp_path), FLOWER_URL_PREFIX="ops")
+    local = {k: v for k, v in flower_env(redis_server.url, tmp_path / "none").items()
+             if k not in ("FLOWER_BASIC_AUTH_FILE", "FLOWER_READONLY_USERS")}
+    local["FLOWER_LOCAL"] = "true"
+    letter = add_letter(DeadLetters(redis_server.client, PREFIX))
+    for name, environment in (("prefix", env), ("local", local)):
+        process = FlowerProcess(environment, logdir / f"flower-pages-{name}-{uuid.uuid4().hex[:6]}.log", free_port())
+        try:
+            base = "/ops" if name == "prefix" else ""
+            wait_for(functools.partial(answers, process, f"{base}/healthcheck"), timeout=30, what=f"Flower ({name})")
+            client = PagesClient(process.url + base, WRITER if name == "prefix" else None)
+            listed = client.get("/dead-letters")
+            assert listed.status_code == 200, name
+            assert f'href="{base}/orders"' in listed.text and f'href="{base}/dead-letter/{letter.id}"' in listed.text
+            if name == "local":  # no users: no login, but a write still needs the token
+                assert client.post(f"/dead-letter/{letter.id}/replay", {}, token=None).status_code == 403
+                assert 'data-result="replayed"' in client.post(f"/dead-letter/{letter.id}/replay", {}).text
+        finally:
+            process.stop()
