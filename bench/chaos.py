@@ -58,10 +58,12 @@ from bench.chaos_tally import (
     ACTION_PATHS,
     ChaosResult,
     duplicate_notes,
+    keep_record,
     read_snapshot,
     report,
     tally,
     unfinished_tasks,
+    wait_for_landings,
 )
 from bench.worker_pool import WorkerPool
 from cli.progress import Progress
@@ -70,6 +72,7 @@ from support.processes import RedisServer
 HELD_WINDOW_S = 0.6  # a held request that arrived this recently is still waiting for its answer
 KILL_WAIT_S = 3.0  # how long a kill waits for a held request (mixed mode) before going anyway
 SETTLE_S = 60.0  # after every order is final, how long to wait for the tasks still in flight
+LANDINGS_WAIT_S = 10.0  # ... and for the requests still due to land (the late ones: 4 s)
 
 
 class Chaos:
@@ -208,11 +211,14 @@ def run(options: argparse.Namespace) -> ChaosResult:
 
 
 def finish(result: ChaosResult, chaos: Chaos, plan: Plan) -> None:
+    wait_for_landings(chaos.sandbox.control, chaos.options.slow_land_after_s, LANDINGS_WAIT_S)
     snap = read_snapshot(chaos.sandbox.control, chaos.redis.client)
     stats = chaos.sandbox.control.stats()
     result.token_calls, result.refresh_calls = stats["token_calls"], stats["refresh_calls"]
     result.unfinished_tasks = unfinished_tasks(chaos.redis.client)
-    tally(result, plan, snap, chaos.sandbox.control.requests(), chaos.pool.lines())
+    requests = chaos.sandbox.control.requests()
+    keep_record(chaos.workdir, plan, requests)
+    tally(result, plan, snap, requests, chaos.pool.lines())
     result.kills, result.kills_mid_request = chaos.kills, chaos.kills_mid_request
     result.redis_restarts = chaos.redis_restarts
 

@@ -21,6 +21,7 @@ the earlier one that landed:
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,29 @@ def read_letters(client: redis.Redis | None) -> dict[str, list[Letter]]:
         order_id = str(letter.order.get("order_external_id"))
         letters.setdefault(order_id, []).append(Letter(letter.action, letter.reason, letter.error or ""))
     return letters
+
+
+def landings_due_by(requests: Iterable[dict[str, Any]], slow_land_after_s: float) -> float:
+    """When every request that lands later than its answer (the random timeout, a
+    ``land_after_s`` fault) will have landed (Unix time; 0 if none is waiting)."""
+    due = 0.0
+    for entry in requests:
+        fault = str(entry.get("fault") or "")
+        if entry.get("landed_at") is not None or not fault:
+            continue
+        if fault == "random:timeout":
+            due = max(due, float(entry["time"]) + slow_land_after_s)
+        elif "land_after_s=" in fault:
+            after = fault.split("land_after_s=", 1)[1].split(",", 1)[0]
+            due = max(due, float(entry["time"]) + float(after))
+    return due
+
+
+def wait_for_landings(control: SandboxControl, slow_land_after_s: float, bound_s: float) -> None:
+    """Before the last count: let the requests still due to land land (at most ``bound_s``)."""
+    pause = landings_due_by(control.requests(), slow_land_after_s) + 0.5 - time.time()
+    if pause > 0:
+        time.sleep(min(pause, bound_s))
 
 
 def unfinished_tasks(client: redis.Redis | None) -> int | None:
@@ -376,6 +400,16 @@ def keep_evidence(result: ChaosResult, order_id: str, calls: list[dict[str, Any]
     shown = [{k: e.get(k) for k in ("action", "time", "status", "landed_at", "landed_status",
                                     "applied", "fault")} for e in calls]
     result.evidence[order_id] = {"requests": shown, "lines": lines}
+
+
+def keep_record(workdir: Path, plan: Plan, requests: list[dict[str, Any]]) -> None:
+    """The plan and the sandbox's accept/deny requests (no tokens), beside the workers' logs."""
+    kept = [{k: v for k, v in entry.items() if k != "authorization"} for entry in requests
+            if entry.get("path") in ACTION_PATHS]
+    (workdir / "sandbox-requests.json").write_text(json.dumps(kept))
+    roles = {"permanent": sorted(plan.permanent), "late": sorted(plan.late), "held": sorted(plan.held),
+             "pairs": {k: asdict(v) for k, v in plan.pairs.items()}}
+    (workdir / "plan.json").write_text(json.dumps(roles))
 
 
 # -- the report --------------------------------------------------------------------------

@@ -48,10 +48,12 @@ from bench.chaos_setup import (
 from bench.chaos_tally import (
     ChaosResult,
     duplicate_notes,
+    keep_record,
     read_snapshot,
     report,
     tally,
     unfinished_tasks,
+    wait_for_landings,
 )
 from bench.sentinel import SentinelCluster
 from bench.worker_pool import WorkerPool
@@ -62,6 +64,7 @@ REDIS_PASSWORD = "failover-redis-pass"
 SENTINEL_PASSWORD = "failover-sentinel-pass"
 FOLLOW_WAIT_S = 15.0  # a worker kill waits at most this for its victim's redis_master_changed line
 SETTLE_S = 60.0  # after every order is final, how long to wait for the tasks still in flight
+LANDINGS_WAIT_S = 10.0  # ... and for the requests still due to land (the late ones: 4 s)
 
 
 @dataclass
@@ -256,12 +259,15 @@ def run(options: argparse.Namespace) -> FailoverResult:
 
 
 def finish(result: FailoverResult, bench: FailoverRun, plan: Plan) -> None:
+    wait_for_landings(bench.sandbox.control, SLOW_LAND_AFTER_S, LANDINGS_WAIT_S)
     snap = read_snapshot(bench.sandbox.control, bench.redis_client())
     stats = bench.sandbox.control.stats()
     result.token_calls, result.refresh_calls = stats["token_calls"], stats["refresh_calls"]
     result.unfinished_tasks = unfinished_tasks(bench.redis_client())
     lines = bench.pool.lines()
-    tally(result, plan, snap, bench.sandbox.control.requests(), lines)
+    requests = bench.sandbox.control.requests()
+    keep_record(bench.workdir, plan, requests)
+    tally(result, plan, snap, requests, lines)
     result.kills = len(bench.pool.kills)
     result.failovers = bench.failovers
     result.delay_errors = dict(bench.delay_errors)
