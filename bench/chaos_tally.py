@@ -147,8 +147,9 @@ class ChaosResult:
     duplicates_landed_late: int = 0
     duplicates_after_worker_loss: int = 0
     duplicates_unexplained: int = 0
-    duplicates_unflagged: int = 0  # no line says possible_duplicate (or refused_with)
-    duplicate_orders: dict[str, list[str]] = field(default_factory=dict)  # cause -> order ids
+    duplicates_unflagged: int = 0  # no line of the order says an earlier request's outcome was unknown
+    duplicates_without_possible_duplicate: int = 0  # ... or none says possible_duplicate (or refused_with)
+    duplicate_orders: dict[str, list[str]] = field(default_factory=dict)  # cause (or without_possible_duplicate) -> ids
     slow_requests: int = 0  # random timeouts drawn on orders' requests
     slow_requests_landed: int = 0
     confirmed_by_pending_list: int = 0  # lines that recorded an unanswered request as landed
@@ -321,10 +322,20 @@ def explain_duplicates(result: ChaosResult, calls: list[dict[str, Any]], lines: 
         cause = worst(request_cause(e, lost_sends(lines), result.call_bound_s) for e in reached[:-1])
         setattr(result, f"duplicates_{cause}", getattr(result, f"duplicates_{cause}") + 1)
         add_id(result.duplicate_orders, cause, order_id)
-        if not flagged(lines, action):
+        if not unknown_said(lines, action):
             result.duplicates_unflagged += 1
+        if not flagged(lines, action):
+            result.duplicates_without_possible_duplicate += 1
+            add_id(result.duplicate_orders, "without_possible_duplicate", order_id)
         if cause in (WITHIN_BOUND, UNEXPLAINED):
             keep_evidence(result, order_id, calls, lines)
+
+
+def unknown_said(lines: Iterable[dict[str, Any]], action: str) -> bool:
+    """A line says a request of that action went unanswered (or its worker was lost)."""
+    return any((line.get("event") == f"{action}_attempt" and line.get("outcome_unknown"))
+               or (line.get("event") == "request_outcome_unknown" and line.get("lost_action") == action)
+               for line in lines)
 
 
 def flagged(lines: Iterable[dict[str, Any]], action: str) -> bool:
@@ -436,8 +447,9 @@ def duplicate_notes(result: ChaosResult) -> list[str]:
          f"{result.duplicates_landed_within_bound} after a request that landed within one call's bound "
          f"({result.call_bound_s:g} s; must be 0), {result.duplicates_landed_late} after one that landed "
          f"later (allowed, flagged), {result.duplicates_after_worker_loss} after a lost worker, "
-         f"{result.duplicates_unexplained} unexplained; {result.duplicates_unflagged} without a "
-         f"possible_duplicate line"),
+         f"{result.duplicates_unexplained} unexplained; {result.duplicates_unflagged} without an "
+         f"outcome_unknown line, {result.duplicates_without_possible_duplicate} without a possible_duplicate "
+         f"(or refused_with) line"),
         (f"slow requests (random timeout: lands {result.slow_land_after_s:g} s after arriving, answered "
          f"at {result.slow_answer_after_s:g} s, the client gives up at 1 s): {result.slow_requests} drawn, "
          f"{result.slow_requests_landed} landed; {result.late_orders} orders programmed to land "
