@@ -47,6 +47,7 @@ class Letter:
     action: str
     reason: str
     error: str
+    task_id: str = ""
 
 
 @dataclass
@@ -86,7 +87,8 @@ def read_letters(client: redis.Redis | None) -> dict[str, list[Letter]]:
         return letters
     for letter in found:
         order_id = str(letter.order.get("order_external_id"))
-        letters.setdefault(order_id, []).append(Letter(letter.action, letter.reason, letter.error or ""))
+        letters.setdefault(order_id, []).append(Letter(letter.action, letter.reason, letter.error or "",
+                                                        letter.task_id))
     return letters
 
 
@@ -149,7 +151,8 @@ class ChaosResult:
     duplicates_unexplained: int = 0
     duplicates_unflagged: int = 0  # no line of the order says an earlier request's outcome was unknown
     duplicates_without_possible_duplicate: int = 0  # ... or none says possible_duplicate (or refused_with)
-    duplicate_orders: dict[str, list[str]] = field(default_factory=dict)  # cause (or without_possible_duplicate) -> ids
+    # cause (or without_possible_duplicate, dead_lettered_twice) -> order ids
+    duplicate_orders: dict[str, list[str]] = field(default_factory=dict)
     slow_requests: int = 0  # random timeouts drawn on orders' requests
     slow_requests_landed: int = 0
     confirmed_by_pending_list: int = 0  # lines that recorded an unanswered request as landed
@@ -171,6 +174,7 @@ class ChaosResult:
     both_orders: dict[str, str] = field(default_factory=dict)  # order -> cause
     other_action_dead_lettered: int = 0  # expected: the loser of a pair, refused
     other_action_refused_by_mipos: int = 0  # ... of which sent and refused by mipos (strict)
+    dead_letters_repeated: int = 0  # a task's second (third...) dead letter: redelivered after its end
     kills: int = 0
     kills_mid_request: int = 0  # kills made while the sandbox held a request
     redis_restarts: int = 0
@@ -269,16 +273,25 @@ def count_ending(result: ChaosResult, plan: Plan, snap: Snapshot, order_id: str)
 
 
 def count_letters(result: ChaosResult, plan: Plan, snap: Snapshot, order_id: str) -> None:
-    """Each dead letter is expected (a permanent fault; the loser of a pair) or wrong."""
+    """Each dead letter is expected (a permanent fault; the loser of a pair) or wrong; a task
+    dead-lettered twice (its worker killed before the ack) is counted apart."""
     wrong = []
-    for letter in snap.letters.get(order_id, []):
+    letters = snap.letters.get(order_id, [])
+    tasks = Counter(letter.task_id for letter in letters)
+    result.dead_letters_repeated += sum(n - 1 for n in tasks.values())
+    if any(n > 1 for n in tasks.values()):
+        add_id(result.duplicate_orders, "dead_lettered_twice", order_id)
+    losers = set()
+    for letter in letters:
         other = "deny" if letter.action == "accept" else "accept"
         if order_id in plan.permanent:
             continue
         if (order_id in plan.pairs and letter.reason == "permanent" and snap.count(order_id, other) > 0
                 and snap.count(order_id, letter.action) == 0):
-            result.other_action_dead_lettered += 1
-            result.other_action_refused_by_mipos += "cannot be" not in letter.error
+            if letter.action not in losers:
+                result.other_action_dead_lettered += 1
+                result.other_action_refused_by_mipos += "cannot be" not in letter.error
+            losers.add(letter.action)
             continue
         wrong.append(asdict(letter))
     if wrong:
@@ -454,6 +467,8 @@ def duplicate_notes(result: ChaosResult) -> list[str]:
          f"at {result.slow_answer_after_s:g} s, the client gives up at 1 s): {result.slow_requests} drawn, "
          f"{result.slow_requests_landed} landed; {result.late_orders} orders programmed to land "
          f"{2 * result.call_bound_s:g} s after arriving (later than the bound)"),
+        (f"tasks dead-lettered twice (the worker killed after the letter, before the ack; the message "
+         f"delivered again): {result.dead_letters_repeated}"),
         (f"settled through the pending list: {result.confirmed_by_pending_list} confirmed as landed "
          f"({result.refusals_settled} after a refusal); {result.orders_waited_for_unanswered} orders held "
          f"back while an unanswered request could land; {result.requests_lost_with_worker} requests "
