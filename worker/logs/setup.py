@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 import structlog.tracebacks
+from celery.app.trace import LOG_SUCCESS
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from worker.logs.redaction import redact_text, redact_value
@@ -72,6 +73,33 @@ def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
     root.setLevel(level)
     # urllib3 logs every connection at DEBUG; keep it at INFO even then.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
+    _celerys_duplicates_at_debug(root.level)
+
+
+class _NotSucceeded(logging.Filter):
+    """Celery's "Task ...[id] succeeded in ..." line: the attempt line says it, with more."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != LOG_SUCCESS
+
+
+_not_succeeded = _NotSucceeded()
+
+
+def _celerys_duplicates_at_debug(level: int) -> None:
+    """Celery's "received" and "succeeded" lines only at DEBUG: each attempt writes its own line,
+    with every field they have (task id and name, the outcome, the time). Two lines fewer an
+    acceptance, each rendered as JSON and scrubbed of secrets. Celery's other lines (a failure,
+    "raised expected", a retry) stay. Set before the worker builds its strategies and tracers,
+    which read the level once (the setup_logging signal)."""
+    strategy = logging.getLogger("celery.worker.strategy")
+    trace = logging.getLogger("celery.app.trace")
+    trace.removeFilter(_not_succeeded)
+    if level > logging.DEBUG:
+        strategy.setLevel(logging.WARNING)
+        trace.addFilter(_not_succeeded)
+    else:
+        strategy.setLevel(logging.NOTSET)
 
 
 def bind_task_context(task_id: str, task_name: str) -> None:
