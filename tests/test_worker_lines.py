@@ -43,3 +43,35 @@ def test_at_debug_celerys_own_lines_are_written_too(
     events = [str(line.get("event")) for line in lines_naming(cluster, result.id)]
     assert any(event.endswith(f"[{result.id}] received") for event in events), events
     assert any(f"[{result.id}] succeeded in" in event for event in events), events
+
+
+RENDER = """
+import logging, structlog
+from worker.logs.setup import configure_logging
+configure_logging("INFO", "json")
+log = structlog.stdlib.get_logger("mipos.attempts")
+log.info("accept_attempt", store_id="Café ☕", nested={1: "one", "two": (2, 2.5)},
+         other=object.__new__(type("Thing", (), {"__repr__": lambda self: "<thing>"})))
+log.info("odd", huge=2**70, surrogate="a\\udc80b")
+logging.getLogger("celery.worker").info("Task %s received", "x")
+"""
+
+
+def test_lines_are_compact_utf8_json_whatever_the_values() -> None:
+    """orjson renders the lines (no spaces, text as UTF-8); what it cannot encode (an integer past
+    64 bits, a key that is not a string, an object) still makes a line."""
+    import subprocess
+    import sys
+
+    from support.processes import ROOT
+
+    done = subprocess.run([sys.executable, "-c", RENDER], cwd=ROOT, capture_output=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    first, odd, celerys = done.stderr.decode("utf-8").splitlines()
+    assert '"store_id":"Café ☕"' in first  # compact, and not \\u-escaped
+    line = json.loads(first)
+    assert line["nested"] == {"1": "one", "two": [2, 2.5]}
+    assert line["other"] == "<thing>" and line["event"] == "accept_attempt"
+    assert json.loads(odd)["huge"] == 2**70 and json.loads(odd)["surrogate"] == "a\udc80b"
+    assert json.loads(celerys)["event"] == "Task x received"

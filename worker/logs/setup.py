@@ -1,7 +1,7 @@
 """structlog, configured once, through the stdlib so Celery's own records share it.
 
 Every line (ours and Celery's) is rendered by one ``ProcessorFormatter``: JSON
-by default, a console layout with ``LOG_FORMAT=console``. Secrets are taken out
+by default (orjson: compact, UTF-8), a console layout with ``LOG_FORMAT=console``. Secrets are taken out
 of the event's values before rendering, and out of the rendered text in every
 escaped form after it (worker/logs/redaction.py). Tracebacks carry no local
 variables: a frame's locals are where credentials live.
@@ -9,8 +9,10 @@ variables: a frame's locals are where credentials live.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -20,6 +22,11 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from worker.logs.redaction import redact_text, redact_value
 
+try:
+    import orjson
+except ImportError:  # requirements/worker.txt has it; without it, the stdlib's json
+    orjson = None  # type: ignore[assignment]
+
 
 def _redact_values(_logger: WrappedLogger, _name: str, event_dict: EventDict) -> EventDict:
     return {key: redact_value(value) for key, value in event_dict.items()}
@@ -27,6 +34,18 @@ def _redact_values(_logger: WrappedLogger, _name: str, event_dict: EventDict) ->
 
 def _redact_rendered(_logger: WrappedLogger, _name: str, rendered: Any) -> Any:
     return redact_text(rendered) if isinstance(rendered, str) else rendered
+
+
+def _dumps(value: Any, default: Callable[[Any], Any] | None = None, **_options: Any) -> str:
+    """JSON by orjson (structlog's recipe for speed: a third of the stdlib's time), compact and in
+    UTF-8; what orjson refuses (an integer past 64 bits, a lone surrogate) by the stdlib's json,
+    ASCII-escaped, as before."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(value, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # orjson.JSONEncodeError is one
+            pass
+    return json.dumps(value, default=default, separators=(",", ":"))
 
 
 def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
@@ -43,7 +62,7 @@ def configure_logging(level: str = "INFO", log_format: str = "json") -> None:
                                                  exception_formatter=structlog.dev.plain_traceback)
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
         shared.append(structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)))
 
