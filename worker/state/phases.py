@@ -150,6 +150,7 @@ LOST_ATTEMPT: dict[str, Any] = {
     "attempt": 0, "at": 0.0, "outcome": "unknown", "http_status": None,
     "error": "the worker was lost during the attempt", "error_class": "transient", "retry_in_s": None,
     "elapsed_ms": None, "counted": True, "outcome_unknown": True}
+_LOST_ATTEMPT_JSON = json.dumps(LOST_ATTEMPT)  # an argument of every start: packed once
 
 
 def _sending_mark(raw: Any) -> SendingMark | None:
@@ -205,7 +206,7 @@ class AttemptPhases:
         args: list[Any] = [task_id, lock_id, milliseconds(lock_ttl_s), int(take_lock and order is not None),
                 int(held), int(resend), action.value, breaker.settings.rate_limit_per_s, uuid.uuid4().hex,
                 whole_seconds(max(sending_ttl_s, ledger.retention.history_s)), int(breaker.settings.enabled),
-                json.dumps(LOST_ATTEMPT), ledger.history_key(""), deadline_s, PENDING_LIST_WINDOW_S,
+                _LOST_ATTEMPT_JSON, ledger.history_key(""), deadline_s, PENDING_LIST_WINDOW_S,
                 UNCERTAIN_MARGIN_S, repr(float(enqueued_at)), history_s]
         if ledger.ack.enabled and take_lock:  # a sending mark must be on the replicas before we send
             pipe = self.redis.pipeline(transaction=False)
