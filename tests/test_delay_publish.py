@@ -1,6 +1,7 @@
-"""``delay()``'s publish (issue 22, item 2): the registration, then the message and its task-sent
-event in one pipeline: two round trips, as stock Celery's LPUSH and PUBLISH; the registration
-still first, and a failed one still fails the call. The session's Redis; the queue is read.
+"""``delay()``'s publish (issue 22, item 2): the registration, the message and its task-sent event
+in one script call: one round trip, where stock Celery makes two (LPUSH, PUBLISH); the message
+never on the queue unregistered, and a failed registration fails the call and publishes nothing.
+The session's Redis; the queue is read.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def task_sent(pubsub: Any, count: int) -> list[str]:
     return found
 
 
-def test_delay_is_two_round_trips_the_registration_then_one_pipeline(
+def test_delay_is_one_round_trip_registration_message_and_event(
         tasks: ModuleType, redis_server: RedisServer, sends: list[int], events: Any) -> None:
     tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id=new_order_id())  # warm
     redis_server.client.delete(QUEUE)
@@ -66,11 +67,47 @@ def test_delay_is_two_round_trips_the_registration_then_one_pipeline(
 
     result = tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id=new_order_id())
 
-    assert len(sends) == 2, len(sends)  # stock Celery: LPUSH, then PUBLISH of its task-sent event
+    assert len(sends) == 1, len(sends)  # stock Celery: LPUSH, then PUBLISH of its task-sent event
     [message] = queued(redis_server)
     assert message["headers"]["id"] == result.id
-    assert redis_server.client.hget("mipos:inflight", result.id) is not None
+    entry = json.loads(redis_server.client.hget("mipos:inflight", result.id))
+    body = json.loads(base64.b64decode(message["body"]))
+    assert entry["enqueued_at"] == body[1]["_mipos"]["enqueued_at"]  # one stamp, Redis's clock
+    assert abs(entry["enqueued_at"] - entry["published_at"]) < 1.0
     assert task_sent(events, 1) == [result.id]
+
+
+def test_the_folded_message_is_the_one_celery_builds(tasks: ModuleType, redis_server: RedisServer) -> None:
+    """Beside the same order published the unfolded way (a caller's own connection)."""
+    from tests.test_sql_outbox_batch import comparable
+    from worker.wiring.celery_app import app
+
+    redis_server.client.delete(QUEUE)
+    folded = tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id="x")
+    with app.connection_for_write() as connection:
+        unfolded = tasks.accept_order.apply_async(
+            kwargs={"delivery_id": 1, "store_id": "3", "order_external_id": "x"}, connection=connection)
+    by_id = {m["headers"]["id"]: m for m in queued(redis_server)}
+    assert comparable(by_id[folded.id]) == comparable(by_id[unfolded.id])
+
+
+def test_a_registration_redis_refuses_fails_the_call_and_publishes_nothing(
+        tasks: ModuleType, redis_server: RedisServer, events: Any) -> None:
+    """The script fails inside Redis, before its LPUSH: nothing on the queue, no task-sent event."""
+    from kombu.exceptions import OperationalError
+
+    tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id=new_order_id())  # warm
+    task_sent(events, 1)
+    redis_server.client.delete(QUEUE)
+    redis_server.client.delete("mipos:inflight")
+    redis_server.client.set("mipos:inflight", "not a hash")  # HSET fails: WRONGTYPE
+    try:
+        with pytest.raises(OperationalError, match="WRONGTYPE"):
+            tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id=new_order_id())
+    finally:
+        redis_server.client.delete("mipos:inflight")
+    assert queued(redis_server) == []
+    assert task_sent(events, 1) == []
 
 
 def test_a_failed_registration_fails_the_call_and_publishes_nothing(
@@ -84,31 +121,7 @@ def test_a_failed_registration_fails_the_call_and_publishes_nothing(
     def refused(*_args: Any, **_kwargs: Any) -> Any:
         raise redis.ConnectionError("Redis went away")
 
-    monkeypatch.setattr(InflightRegistry, "register_many", refused)
+    monkeypatch.setattr(InflightRegistry, "register_and_publish", refused)
     with pytest.raises(OperationalError, match="Redis went away"):
         tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id=new_order_id())
     assert queued(redis_server) == []
-
-
-def test_a_pipeline_that_fails_is_published_again_as_celerys_retry_would(
-        tasks: ModuleType, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pipeline's delivery is uncertain: published once more, one command at a time, under the
-    same task id (the worker's ledger sends the order once)."""
-    tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id=new_order_id())  # warm
-    redis_server.client.delete(QUEUE)
-    real = redis.client.Pipeline.execute
-    failed: list[int] = []
-
-    def lost_once(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not failed:
-            failed.append(1)
-            self.reset()
-            raise redis.ConnectionError("connection lost while the pipeline ran")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", lost_once)
-    result = tasks.accept_order.delay(delivery_id=1, store_id="3", order_external_id=new_order_id())
-    monkeypatch.undo()
-
-    assert failed == [1]
-    assert [m["headers"]["id"] for m in queued(redis_server)] == [result.id]

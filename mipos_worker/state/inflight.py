@@ -35,20 +35,25 @@ InflightEntry = tuple[dict[str, Any], float | None]  # the registered message; w
 
 # Register messages about to be published, each stamped with Redis's clock in the same
 # round trip: the enqueue time (given, or now minus the order's age on the producer's
-# own clock) and the publish time. KEYS: the registry, the heartbeats, then each
-# message's order task index; ARGV: the index's least TTL, then six per message (task
-# id, task name, kwargs JSON, countdown, enqueue time or "", age). Returns the enqueue
-# times as strings (a Lua number would come back truncated to an integer). An order's
-# task index is kept at least MIPOS_HISTORY_RETENTION_S, never shortened: the worker
-# sets it to its own retention after each attempt (worker/state/ledger.py).
+# own clock) and the publish time. KEYS: the registry, the heartbeats, each message's
+# order task index, then the keys of the publish commands; ARGV: the index's least TTL,
+# the number of messages, six per message (task id, task name, kwargs JSON, countdown,
+# enqueue time or "", age), then the publish commands kombu built (register_and_publish),
+# three each: lpush/pexpire, the KEYS index of its key, the value; or publish, the
+# channel, the payload. They run only once every message is registered, in the same
+# script: a message is never on the queue unregistered. Returns the enqueue times as
+# strings (a Lua number would come back truncated to an integer). An order's task index
+# is kept at least MIPOS_HISTORY_RETENTION_S, never shortened: the worker sets it to its
+# own retention after each attempt (worker/state/ledger.py).
 _REGISTER = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local published = string.format('%.6f', now)
 local ttl = tonumber(ARGV[1])
+local count = tonumber(ARGV[2])
 local stamps = {}
-for i = 1, #KEYS - 2 do
-  local a = 1 + (i - 1) * 6
+for i = 1, count do
+  local a = 2 + (i - 1) * 6
   local id = ARGV[a + 1]
   local stamp = string.format('%.6f', tonumber(ARGV[a + 5]) or (now - tonumber(ARGV[a + 6])))
   redis.call('hset', KEYS[1], id, '{"task":' .. cjson.encode(ARGV[a + 2]) .. ',"enqueued_at":' .. stamp
@@ -59,8 +64,16 @@ for i = 1, #KEYS - 2 do
   if redis.call('ttl', index) < ttl then redis.call('expire', index, ttl) end
   stamps[i] = stamp
 end
+for c = 3 + count * 6, #ARGV, 3 do
+  if ARGV[c] == 'publish' then
+    redis.call('publish', ARGV[c + 1], ARGV[c + 2])
+  else
+    redis.call(ARGV[c], KEYS[tonumber(ARGV[c + 1])], ARGV[c + 2])
+  end
+end
 return stamps
 """
+PUBLISH_COMMANDS = ("lpush", "pexpire", "publish")  # what kombu's Redis transport publishes with
 
 
 class Registration(NamedTuple):
@@ -101,8 +114,15 @@ class InflightRegistry:
         enqueue times, in the same order."""
         if not registrations:
             return []
+        return self.register_and_publish(registrations, [])
+
+    def register_and_publish(self, registrations: Sequence[Registration],
+                             commands: Sequence[tuple[str, Any, Any]]) -> list[float]:
+        """Register, then run kombu's publish ``commands`` (``PUBLISH_COMMANDS``: name, key or
+        channel, value) in the same script: one round trip, the messages never on the queue
+        unregistered, and none of them there when the registration fails."""
         keys = [self.entries_key, self.heartbeats_key]
-        args: list[Any] = [whole_seconds(self.index_ttl_s)]
+        args: list[Any] = [whole_seconds(self.index_ttl_s), len(registrations)]
         for one in registrations:
             kwargs = one.kwargs
             keys.append(order_tasks_key(self.prefix, order_key(kwargs.get("store_id"),
@@ -111,6 +131,13 @@ class InflightRegistry:
             enqueued_at = stamps_of(kwargs).enqueued_at if one.enqueued_at is None else one.enqueued_at
             args += [one.task_id, one.task_name, json.dumps(kwargs), one.countdown or 0.0,
                      "" if enqueued_at is None else repr(float(enqueued_at)), max(0.0, one.age_s)]
+        for name, target, value in commands:
+            if name not in PUBLISH_COMMANDS:
+                raise ValueError(f"{name!r} is not a publish command ({', '.join(PUBLISH_COMMANDS)})")
+            if name != "publish":  # a key: declared in KEYS, as a script's keys must be
+                keys.append(target)
+                target = len(keys)
+            args += [name, target, value]
         stamps = self._register(keys=keys, args=args)
         return [float(stamp) for stamp in stamps]
 
