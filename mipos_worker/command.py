@@ -136,8 +136,14 @@ def cmd_outbox_relay(args: argparse.Namespace) -> int:
 
     relay = Relay(engine, batch_size=args.batch_size, lease_s=args.lease)
     if args.once:
-        while relay.run_once().seen >= args.batch_size:
-            pass
+        from mipos_worker.sql_outbox import PublishFailed, RedisUnavailable
+
+        try:
+            while relay.run_once().seen >= args.batch_size:
+                pass
+        except (RedisUnavailable, PublishFailed) as exc:  # the rows wait; say why, no traceback
+            relay.report()
+            raise CliError(f"the outbox's rows wait: {exc}") from None
         relay.report()
         return EXIT_OK
     if args.metrics_port is not None:

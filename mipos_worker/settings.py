@@ -68,7 +68,7 @@ class SettingsError(Exception):
         self.problems = problems
         super().__init__(
             "invalid configuration: " + "; ".join(problems)
-            + " (see the Settings section of README.md)"
+            + " (see docs/reference/settings.md)"
         )
 
 

@@ -214,7 +214,7 @@ def start_flower(stack: Stack, env: dict[str, str]) -> None:
     import urllib.request
 
     flower_env = dict(env, PORT=str(FLOWER_PORT), FLOWER_ADDRESS="127.0.0.1")
-    generated = not flower_env.get("FLOWER_BASIC_AUTH")
+    generated = not flower_env.get("FLOWER_BASIC_AUTH") and not flower_env.get("FLOWER_BASIC_AUTH_FILE")
     if generated:
         flower_env["FLOWER_BASIC_AUTH"] = f"admin:{secrets.token_urlsafe(9)}"
     flower_log = RUN_DIR / "flower.log"

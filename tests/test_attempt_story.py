@@ -816,6 +816,23 @@ def test_previous_unknown_still_listed_is_sent_again(world: World) -> None:
     assert "possible_duplicate" not in line and "confirmed_by" not in line
 
 
+def test_gone_from_the_list_after_two_unanswered_requests_says_one_may_still_land(world: World) -> None:
+    """The list shows one request landed; the other unanswered one may land too: flagged
+    (seen in a strict chaos run: a confirmed success without possible_duplicate)."""
+    unknown = {"attempt": 0, "at": NOW - 90.0, "outcome": "retrying", "http_status": None, "error": "timeout",
+               "error_class": "transient", "retry_in_s": 0.1, "elapsed_ms": 1000.0, "counted": True,
+               "outcome_unknown": True}
+    world.phases.given["history"] = [{**unknown, "attempt": 1}, {**unknown, "attempt": 2, "at": NOW - 60.0}]
+    world.phases.given["uncertain"] = Uncertain("accept", TASK, NOW - 60.0, T0)
+    world.client.pending = [NOT_LISTED]
+    run = deliver(world)
+
+    assert run.ending == Finished()
+    line = run.line
+    assert line["confirmed_by"] == "pending_list"
+    assert line["possible_duplicate"] is True and line["unknown_attempts"] == [1, 2]
+
+
 def test_gone_from_the_list_after_the_same_action_is_accepted_without_sending(world: World) -> None:
     world.phases.given["uncertain"] = uncertain_accept()
     world.client.pending = [NOT_LISTED]

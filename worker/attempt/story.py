@@ -314,7 +314,8 @@ class Delivery:
                     self._close(final=True, done=done)
                     self.line.emit(attempt=attempt, outcome=self.action.done_outcome,
                                    http_status=answer.http_status, elapsed_ms=answer.elapsed_ms,
-                                   confirmed_by="pending_list", previous_outcome="unknown")
+                                   confirmed_by="pending_list", previous_outcome="unknown",
+                                   **self._others_may_land())
                     return Finished()
                 return self._fail("permanent", f"order {order.store_id}/{order.order_external_id} was already "
                                   f"{other.done_outcome} at mipos (task {uncertain.task_id}, whose answer never "
@@ -396,7 +397,8 @@ class Delivery:
             self._close(final=True, done=done)
             self.line.emit(attempt=attempt, outcome=self.action.done_outcome, http_status=answer.http_status,
                            elapsed_ms=answer.elapsed_ms, confirmed_by="pending_list", previous_outcome="unknown",
-                           refused_with=verdict.error, landed_task_id=uncertain.task_id)
+                           refused_with=verdict.error, landed_task_id=uncertain.task_id,
+                           **self._others_may_land())
             return Finished()
         self._add(attempt, "failed", answer, verdict, counted)
         if listed:  # mipos still waits for the order: the refusal is real
@@ -566,6 +568,12 @@ class Delivery:
             return {"possible_duplicate": True, "unknown_attempts": unknown,
                     "unknown_task_id": self.maybe_landed.task_id}
         return {"possible_duplicate": True, "unknown_attempts": unknown} if unknown else {}
+
+    def _others_may_land(self) -> dict[str, Any]:
+        """Confirmed by the list: one unanswered request landed. With more than one unanswered,
+        another may land too: the success is flagged as when it was sent again."""
+        unknown = self.history.unknown_attempts()
+        return {"possible_duplicate": True, "unknown_attempts": unknown} if len(unknown) > 1 else {}
 
     def _count(self, outcome: str, error_class: str | None) -> None:
         """Every attempt line in ``mipos_attempts_total``; a final success in the latency."""

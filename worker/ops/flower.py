@@ -96,7 +96,8 @@ from typing import Any, NoReturn
 from celery import states
 from celery.events.state import Task as CeleryTask
 
-from config import FALSE_WORDS, SECRET_NAMES, TRUE_WORDS, parse_boolean
+from config import FALSE_WORDS, TRUE_WORDS, parse_boolean
+from config.settings import configured_secrets
 from worker.logs.redaction import REDACTED, redact_text, register_secret
 from worker.logs.setup import configure_logging
 
@@ -293,8 +294,8 @@ def scrub(text: str) -> str:
 
 def make_task_formatter() -> Any:
     """Flower's ``format_task``: Flower applies it to a copy of each task before a page shows it."""
-    for name in SECRET_NAMES:  # those in Flower's environment; the redaction skips short ones
-        register_secret(os.environ.get(name), permanent=True)
+    for secret in configured_secrets():  # either form (the variable or its *_FILE); short ones skipped
+        register_secret(secret, permanent=True)
 
     def format_task(task: Any) -> Any:
         state = getattr(task, "state", None)
