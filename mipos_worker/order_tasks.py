@@ -110,12 +110,18 @@ class OrderTask(Task):
         settings = load_producer_settings()
         client = self._producer_redis(options)
         if "producer" not in options and "connection" not in options:  # the caller's own: left as it is
-            with self.app.producer_or_acquire() as producer:
-                if can_fold(producer):
-                    result = self._register_and_publish(producer, client, settings, options, body, stamps,
-                                                        age_s)
-                    self._confirm_replicated(client, settings, options)
-                    return result
+            try:
+                with self.app.producer_or_acquire() as producer:
+                    if can_fold(producer):
+                        result = self._register_and_publish(producer, client, settings, options, body, stamps,
+                                                            age_s)
+                        self._confirm_replicated(client, settings, options)
+                        return result
+            except OperationalError as exc:
+                if self.name in str(exc):  # ours, already saying what could not be done
+                    raise
+                # kombu's own ("Error 111 connecting to ..."): say it was Redis, and what for
+                raise OperationalError(f"cannot reach Redis to enqueue {self.name}: {exc}") from exc
         enqueued_at = self._register(client, settings, options, body, stamps, age_s)
         message = {**body, STAMPS_KEY: stamps.but(enqueued_at=enqueued_at).to_message()}
         result = self._publish(message, options)

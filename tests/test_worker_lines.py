@@ -9,6 +9,7 @@ import json
 from types import ModuleType
 from typing import Any
 
+from support.processes import wait_for
 from tests.conftest import Cluster, ClusterFactory, new_order_id
 
 PROMISED = {"event", "timestamp", "level", "logger", "task_id", "delivery_id", "store_id",
@@ -40,9 +41,13 @@ def test_at_debug_celerys_own_lines_are_written_too(
     result = tasks.accept_order.delay(delivery_id=4, store_id="3", order_external_id=order_id)
     cluster.wait_final(order_id)
 
-    events = [str(line.get("event")) for line in lines_naming(cluster, result.id)]
-    assert any(event.endswith(f"[{result.id}] received") for event in events), events
-    assert any(f"[{result.id}] succeeded in" in event for event in events), events
+    def events() -> list[str]:
+        return [str(line.get("event")) for line in lines_naming(cluster, result.id)]
+
+    # Celery writes "succeeded" once the task returns, a moment after our attempt line.
+    wait_for(lambda: any(f"[{result.id}] succeeded in" in event for event in events()), timeout=10,
+             what="Celery's succeeded line")
+    assert any(event.endswith(f"[{result.id}] received") for event in events()), events()
 
 
 RENDER = """
